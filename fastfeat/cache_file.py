@@ -1,0 +1,174 @@
+"""Everything that touches the HDF5 feature cache.
+
+Layout: `/<split>/features` (N, 512) float16|float32 and `/<split>/labels` (N,) int64, chunked
+along rows; the root attributes describe the backbone, weights, preprocessing and dataset.
+A cache is written as `<out>.partial`, batch by batch (each split's `rows_written` attribute
+is updated after its rows are flushed), and renamed to `<out>` with `complete=True` at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import FastfeatError, InputError
+
+CHUNK_ROWS = 1024
+FEATURE_DTYPES = ("float16", "float32")
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class CacheWriter:
+    """Writes one cache: creates or resumes `<out>.partial`, renames it to `out` on `finish()`.
+
+    `attrs` must describe everything that determines the rows; a resumed file must have been
+    started with the same `attrs` and split sizes.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        attrs: dict,
+        split_rows: dict[str, int],
+        feature_dim: int,
+        dtype: str = "float16",
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
+        if dtype not in FEATURE_DTYPES:
+            raise InputError(f"unknown --dtype {dtype!r}: choose float16 or float32")
+        self.out, self.tmp = Path(out), partial_path(Path(out))
+        if self.out.exists() and not overwrite:
+            raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
+        self.attrs = {**attrs, "feature_dtype": dtype, "rows": json.dumps(split_rows)}
+        if self.tmp.exists() and resume:
+            self.file = self._reopen()
+        elif self.tmp.exists() and not overwrite:
+            raise InputError(f"{self.tmp} is left from an interrupted run: pass --resume to continue it or --overwrite to start over")
+        else:
+            self.file = self._create(split_rows, feature_dim, dtype)
+
+    def _create(self, split_rows: dict[str, int], feature_dim: int, dtype: str) -> h5py.File:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            f = h5py.File(self.tmp, "w")
+        except OSError as exc:
+            raise InputError(f"cannot write {self.tmp}: {exc.strerror or exc}") from None
+        for key, value in self.attrs.items():
+            f.attrs[key] = value
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["complete"] = False
+        for split, n in split_rows.items():
+            group = f.create_group(split)
+            chunk = max(1, min(n, CHUNK_ROWS))
+            group.create_dataset("features", (n, feature_dim), dtype=dtype, chunks=(chunk, feature_dim))
+            group.create_dataset("labels", (n,), dtype="int64", chunks=(chunk,))
+            group.attrs["rows_written"] = 0
+        f.flush()
+        return f
+
+    def _reopen(self) -> h5py.File:
+        try:
+            f = h5py.File(self.tmp, "r+")
+            found = {key: _plain(f.attrs[key]) for key in self.attrs if key in f.attrs}
+        except OSError as exc:
+            raise InputError(f"cannot resume {self.tmp} ({exc}): pass --overwrite to start over") from None
+        changed = sorted(k for k, v in self.attrs.items() if found.get(k) != _plain(v))
+        if changed:
+            f.close()
+            raise InputError(f"cannot resume {self.tmp}: it was started with different {', '.join(changed)} (pass --overwrite to start over)")
+        return f
+
+    def rows_written(self, split: str) -> int:
+        return int(self.file[split].attrs["rows_written"])
+
+    def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Write rows [start, start + len(features)) of `split` and record them as done."""
+        group = self.file[split]
+        stop = start + len(features)
+        group["features"][start:stop] = features
+        group["labels"][start:stop] = labels
+        self.file.flush()
+        group.attrs["rows_written"] = stop
+        self.file.flush()
+
+    def finish(self) -> Path:
+        """Check every split is full, mark the file complete and move it to its final name."""
+        for split in self.file:
+            if self.rows_written(split) != len(self.file[split]["labels"]):
+                raise FastfeatError(f"{self.tmp}: split {split} is not fully written")
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def close(self) -> None:
+        """Close without finishing: a partial file with rows stays for `--resume`, an empty one goes."""
+        if not self.file.id.valid:
+            return
+        empty = all(self.rows_written(split) == 0 for split in self.file)
+        self.file.close()
+        if empty:
+            self.tmp.unlink()
+
+
+def _plain(value):
+    """HDF5 attributes come back as numpy scalars/arrays: compare them as plain Python values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    return value
+
+
+@dataclass(frozen=True)
+class CacheData:
+    """A complete cache in memory: per split `features` (N, D) float32 and `labels` (N,) int64."""
+
+    path: Path
+    attrs: dict
+    features: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.attrs["classes"])
+
+
+def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), feature_dim: int | None = None) -> CacheData:
+    """Load a complete fastfeat cache, or fail in one line saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
+        raise InputError(f"cache {path} does not exist{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path} is not an HDF5 file") from None
+    with f:
+        attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        if "fastfeat_version" not in attrs or "classes" not in attrs:
+            raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
+        if not attrs.get("complete"):
+            raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
+        features, labels = {}, {}
+        for split in splits:
+            if split not in f or "features" not in f[split] or "labels" not in f[split]:
+                raise InputError(f"{path} has no {split}/features and {split}/labels")
+            features[split] = f[split]["features"][:].astype(np.float32)
+            labels[split] = f[split]["labels"][:]
+            if features[split].ndim != 2 or len(features[split]) != len(labels[split]):
+                raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
+            if feature_dim is not None and features[split].shape[1] != feature_dim:
+                raise InputError(f"{path}: features are {features[split].shape[1]}-d, expected {feature_dim}")
+    return CacheData(path, attrs, features, labels)

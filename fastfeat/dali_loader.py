@@ -1,0 +1,123 @@
+"""NVIDIA DALI pipelines: decode/resize/crop/normalize on the GPU, or in DALI's CPU mode.
+
+CIFAR arrays enter through `external_source`; folders through the file reader and the image
+decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the output is copied
+device-to-device into a torch tensor (no host round trip).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import nvidia.dali.math as dmath
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from .errors import FastfeatError, InputError
+from .sources import Split
+from .torch_loader import find_corrupt_file
+from .transforms import Preprocess
+
+PREFETCH = 2
+
+
+def _array_source(images: np.ndarray, order: np.ndarray, batch_size: int) -> Callable[[], Iterator[np.ndarray]]:
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, len(order), batch_size):
+            yield images[order[start : start + batch_size]]
+
+    return batches
+
+
+def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
+    """DALI graph input: decoded HWC uint8 images in `order`, on the GPU when `gpu`."""
+    if split.images is not None:
+        images = fn.external_source(
+            source=_array_source(split.images, order, batch_size), batch=True, layout="HWC", dtype=types.UINT8
+        )
+        return images.gpu() if gpu else images
+    encoded, _ = fn.readers.file(
+        files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True, name="reader"
+    )
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
+def resize_shorter(images, size: int):
+    """Shorter side to `size`, longer side `int(size * long / short)`: torchvision's `Resize(size)`."""
+    shape = images.shape(dtype=types.FLOAT)
+    short = dmath.min(shape[0], shape[1])
+    return fn.resize(
+        images, size=fn.stack(dmath.floor(size * shape[0] / short), dmath.floor(size * shape[1] / short)), antialias=True
+    )
+
+
+def _centre_offset(extent, crop: int):
+    """torchvision's `int(round((extent - crop) / 2))`, with Python's round-half-to-even."""
+    d = extent - crop
+    q = dmath.floor(d / 2)
+    return q + (d - 2 * q) * (q - 2 * dmath.floor(q / 2))
+
+
+def center_crop_normalize(images, pre: Preprocess):
+    """`CenterCrop(image_size)`, then `ToTensor()` + `Normalize(mean, std)` as float32 CHW."""
+    shape = images.shape(dtype=types.FLOAT)
+    crop = pre.image_size
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(crop, crop),
+        crop_pos_y=_centre_offset(shape[0], crop) / dmath.max(shape[0] - crop, 1),
+        crop_pos_x=_centre_offset(shape[1], crop) / dmath.max(shape[1] - crop, 1),
+        mean=[255 * m for m in pre.mean],
+        std=[255 * s for s in pre.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
+@pipeline_def(enable_conditionals=False)
+def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
+    """The recipe's evaluation preprocessing, pixel-exact in geometry: resize, center crop, normalize."""
+    images = read_images(split, order, rows_per_batch, gpu)
+    return center_crop_normalize(resize_shorter(images, pre.resize), pre)
+
+
+def dali_device_id(device: torch.device) -> int | None:
+    return device.index if device.type == "cuda" else None
+
+
+def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
+    """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device`."""
+    batch_size = pipe.max_batch_size
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    for start in range(0, len(order), batch_size):
+        try:
+            (images,) = pipe.run()
+        except Exception as exc:
+            raise _pipeline_error(exc, split, order[start : start + (PREFETCH + 1) * batch_size]) from None
+        dense = images.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(dense, out, cuda_stream=stream)
+        yield out[: min(batch_size, len(order) - start)]
+
+
+def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatError:
+    if split.files is not None:
+        bad = find_corrupt_file(tuple(split.files[i] for i in rows))
+        if bad is not None:
+            return InputError(f"corrupt image: {bad}")
+    return FastfeatError(f"DALI pipeline failed: {str(exc).strip().splitlines()[0]}")
+
+
+def eval_batches(
+    split: Split, pre: Preprocess, batch_size: int, device: torch.device, order: np.ndarray | None = None
+) -> Iterator[torch.Tensor]:
+    order = np.arange(len(split)) if order is None else order
+    pipe = eval_pipeline(
+        split, order, pre, device.type == "cuda", batch_size,
+        batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1),
+        device_id=dali_device_id(device), prefetch_queue_depth=PREFETCH,
+    )
+    pipe.build()
+    yield from run_pipeline(pipe, split, order, device)

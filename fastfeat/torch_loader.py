@@ -1,0 +1,73 @@
+"""The pure-torch pipeline: uint8 batches moved to the device, transformed there in one go.
+
+Arrays are sliced into batches; folders are read and decoded by DataLoader workers with
+torchvision.io (the only per-image work: decoding is per image by nature).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from .errors import InputError
+from .sources import Split
+
+
+def decode_file(path: str) -> torch.Tensor | None:
+    """CHW uint8 RGB image, or None when the file is not a readable image."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError):
+        return None
+
+
+def find_corrupt_file(files: tuple[str, ...]) -> str | None:
+    """The first of `files` that does not decode (used to name the culprit after a failed batch)."""
+    return next((f for f in files if decode_file(f) is None), None)
+
+
+class _DecodedFiles(Dataset):
+    def __init__(self, files: tuple[str, ...]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
+        return decode_file(self.files[index]), self.files[index]
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def uint8_batches(
+    split: Split, batch_size: int, device: torch.device, order: np.ndarray | None = None, workers: int | None = None
+) -> Iterator[list[torch.Tensor] | torch.Tensor]:
+    """Batches of raw images on `device`: one uint8 NCHW tensor for arrays, a list of CHW for files.
+
+    `order` (row indices) defaults to the split's own order.
+    """
+    count = len(split) if order is None else len(order)
+    if split.images is not None:
+        for start in range(0, count, batch_size):
+            rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+            batch = torch.from_numpy(split.images[rows])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        return
+    files = split.files if order is None else tuple(split.files[i] for i in order)
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        _DecodedFiles(files), batch_size=batch_size, num_workers=workers, collate_fn=list, prefetch_factor=4 if workers else None
+    )
+    for batch in loader:
+        bad = next((path for img, path in batch if img is None), None)
+        if bad is not None:
+            raise InputError(f"corrupt image: {bad}")
+        yield [img.to(device, non_blocking=True) for img, _ in batch]

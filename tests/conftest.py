@@ -1,0 +1,47 @@
+"""Shared fixtures: the real CIFAR-10 sample, a resnet18 weights file, small image folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="session")
+def sample() -> Path:
+    if not (SAMPLE / "cifar-10-batches-py").is_dir():
+        pytest.fail(f"the CIFAR-10 sample is missing at {SAMPLE}")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A resnet18 state dict (random init, fixed seed, with fc) as a user would pass with --weights."""
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, classes=("cat", "dog")) -> Path:
+    """root/{train,test}/<class>/<i>.{jpg,png}: small random RGB images of mixed sizes and formats."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = sizes[i % len(sizes)]
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "folder")
