@@ -11,11 +11,12 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbone import BACKBONE, FEATURE_DIM, FeatureExtractor, build_resnet18
-from .cache_file import CacheWriter
+from .cache_file import CacheWriter, shard_path
+from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import InputError
 from .loaders import eval_batches, resolve_loader
-from .runtime import amp_dtype, precision_name, resolve_device
-from .sources import Dataset, open_dataset
+from .runtime import amp_dtype, precision_name
+from .sources import Dataset, Split, open_dataset
 from .transforms import Preprocess
 
 
@@ -54,6 +55,7 @@ class CacheResult:
     precision: str
     size_bytes: int
     rows: dict[str, int] = field(default_factory=dict)
+    ranks: int = 1
 
     @property
     def images_per_second(self) -> float:
@@ -98,36 +100,70 @@ def cache_attrs(dataset: Dataset, pre: Preprocess, weights_id: str, sha256: str,
 
 
 def build_cache(opts: CacheOptions) -> CacheResult:
-    """Run the backbone once over every selected split and write the cache; resumable."""
+    """Run the backbone once over every selected split and write the cache; resumable.
+
+    Under torchrun each rank caches a contiguous slice of every split into its own shard file;
+    rank 0 then joins the shards, in rank order, into the one cache file.
+    """
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    world, device = init_world(opts.device)
     dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download)
+    out = Path(opts.out) if opts.out else default_cache_path(dataset)
+    if out.exists() and not opts.overwrite:
+        raise InputError(f"{out} already exists (pass --overwrite to replace it)")
     loader = resolve_loader(opts.loader)
-    device = resolve_device(opts.device)
     dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
     pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
     model, info = build_resnet18(opts.weights, opts.seed)
     extractor = FeatureExtractor(model, device, dtype, opts.channels_last, opts.compile)
-    out = Path(opts.out) if opts.out else default_cache_path(dataset)
     attrs = cache_attrs(dataset, pre, info.weights_id, info.sha256, precision_name(dtype), opts.batch_size)
     rows = {name: len(split) for name, split in dataset.splits.items()}
-    writer = CacheWriter(out, attrs, rows, FEATURE_DIM, opts.dtype, opts.resume, opts.overwrite)
+    shards = {name: shard_range(n, world) for name, n in rows.items()}
+    target = shard_path(out, world.rank, world.size) if world.distributed else out
     start_time, images = time.perf_counter(), 0
+    if not (world.distributed and opts.resume and target.exists()):  # a finished shard of a resumed run is kept
+        writer = CacheWriter(
+            target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, FEATURE_DIM,
+            opts.dtype, opts.resume, opts.overwrite or world.distributed,
+        )
+        try:
+            for name, split in dataset.splits.items():
+                images += _cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world)
+            writer.finish()
+        finally:
+            writer.close()
+    barrier(world)
+    images = int(all_reduce_sum(torch.tensor([images]), world).item())
+    if world.distributed and world.is_main:
+        _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, opts)
+    barrier(world)
+    seconds = time.perf_counter() - start_time
+    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size, rows, world.size)
+
+
+def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: FeatureExtractor, loader: str,
+                 pre: Preprocess, opts: CacheOptions, world: World) -> int:
+    """Features of the rows of `split` that `writer` does not have yet; returns how many were added."""
+    done = row = writer.rows_written(name)
+    desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
+    bar = tqdm(total=len(split), initial=done, desc=desc, unit="img",
+               disable=not (opts.progress and world.is_main), dynamic_ncols=True)
+    for images in eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device):
+        features = extractor(images).cpu().numpy()
+        writer.write(name, row, features, split.labels[row : row + len(features)])
+        row += len(features)
+        bar.update(len(features))
+    bar.close()
+    return row - done
+
+
+def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], opts: CacheOptions) -> None:
+    writer = CacheWriter(out, attrs, rows, FEATURE_DIM, opts.dtype, overwrite=True)
     try:
-        for name, split in dataset.splits.items():
-            done = writer.rows_written(name)
-            todo = split.rows(done, len(split))
-            bar = tqdm(total=len(split), initial=done, desc=f"cache {name}", unit="img", disable=not opts.progress, dynamic_ncols=True)
-            row = done
-            for images_batch in eval_batches(todo, loader, pre, opts.batch_size, device):
-                features = extractor(images_batch).cpu().numpy()
-                writer.write(name, row, features, split.labels[row : row + len(features)])
-                row += len(features)
-                images += len(features)
-                bar.update(len(features))
-            bar.close()
-        seconds = time.perf_counter() - start_time
-        out = writer.finish()
+        writer.append_shards(shards)
+        writer.finish()
     finally:
         writer.close()
-    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size, rows)
+    for shard in shards:
+        shard.unlink()

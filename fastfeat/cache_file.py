@@ -26,6 +26,11 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def shard_path(out: Path, rank: int, world_size: int) -> Path:
+    """Where rank `rank` of a torchrun job writes its rows before rank 0 joins them into `out`."""
+    return out.with_name(f"{out.name}.rank{rank}-of-{world_size}")
+
+
 class CacheWriter:
     """Writes one cache: creates or resumes `<out>.partial`, renames it to `out` on `finish()`.
 
@@ -109,6 +114,18 @@ class CacheWriter:
         self.file.close()
         os.replace(self.tmp, self.out)
         return self.out
+
+    def append_shards(self, shards: list[Path]) -> None:
+        """Copy complete shard files' rows, in order, into this (empty) cache, chunk by chunk."""
+        for split in self.file:
+            row = 0
+            for shard in shards:
+                with h5py.File(shard, "r") as f:
+                    features, labels = f[split]["features"], f[split]["labels"]
+                    for start in range(0, len(labels), CHUNK_ROWS):
+                        stop = min(len(labels), start + CHUNK_ROWS)
+                        self.write(split, row + start, features[start:stop], labels[start:stop])
+                    row += len(labels)
 
     def close(self) -> None:
         """Close without finishing: a partial file with rows stays for `--resume`, an empty one goes."""

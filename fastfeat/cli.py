@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .distributed import is_main_process
 from .errors import FastfeatError, InputError
 from .reporting import human_bytes, write_json
 
@@ -63,6 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.set_defaults(run=run_cache)
+
+    ft = sub.add_parser("finetune", help="fine-tune the whole network on augmented batches (AMP)")
+    add_data_args(ft)
+    ft.add_argument("--jitter", type=float, default=0.0, help="ColorJitter strength (the recipe's ColorJitter() is 0)")
+    add_model_args(ft, batch_size=64)
+    g = ft.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone lr = lr x this")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "step", "none"])
+    g.add_argument("--warmup-epochs", type=float, default=0.5)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--freeze", default="none", choices=["none", "stem", "layer1", "layer2", "layer3"])
+    g.add_argument("--init-head", default=None, help="start from a head made by train-head on the same backbone")
+    g.add_argument("--checkpoint-dir", default="data/finetune")
+    g.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.pt")
+    ft.set_defaults(run=run_finetune)
+
+    pr = sub.add_parser("predict", help="classify images with a fine-tuned checkpoint or a head")
+    pr.add_argument("images", nargs="*", help="image files")
+    pr.add_argument("--model", required=True, help="finetune checkpoint (last.pt/best.pt) or head file")
+    pr.add_argument("--data", default=None, help="report accuracy on this dataset's --split instead")
+    pr.add_argument("--split", default="test", choices=["train", "test"])
+    pr.add_argument("--limit", type=int, default=None)
+    pr.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    pr.add_argument("--weights", default=None, help="backbone weights FILE for a head trained on a file")
+    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--batch-size", type=int, default=128)
+    pr.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    pr.add_argument("--metrics", default=None)
+    pr.set_defaults(run=run_predict)
     return parser
 
 
@@ -86,6 +121,8 @@ def run_cache(args: argparse.Namespace) -> None:
 
     _check_writable(args.metrics)
     result = build_cache(_options(CacheOptions, args))
+    if not is_main_process():
+        return
     print(
         f"cached {result.images} images in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s) "
         f"loader={result.loader} device={result.device} precision={result.precision} "
@@ -93,6 +130,38 @@ def run_cache(args: argparse.Namespace) -> None:
     )
     if args.metrics:
         write_json(args.metrics, result.metrics())
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from .finetune import FinetuneOptions, finetune
+
+    _check_writable(args.metrics)
+    result = finetune(_options(FinetuneOptions, args))
+    if not is_main_process():
+        return
+    metrics = result.metrics()
+    print(
+        f"fine-tuned {len(result.history)} epochs: best valid acc {result.best_valid_acc:.4f}, "
+        f"{metrics['train_images_per_second']:.1f} train img/s -> {result.checkpoint} (best: {result.best})"
+    )
+    if args.metrics:
+        write_json(args.metrics, metrics)
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from .predict import Predictor, load_classifier
+
+    if bool(args.images) == bool(args.data):
+        raise InputError("give either image files or --data DIR")
+    predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp)
+    if args.data:
+        accuracy, images = predictor.accuracy(args.data, args.split, args.loader, args.batch_size, args.limit)
+        print(f"accuracy {accuracy:.4f} on {images} {args.split} images of {args.data}")
+        if args.metrics:
+            write_json(args.metrics, {"command": "predict", "accuracy": accuracy, "images": images, "model": args.model})
+        return
+    for path, top in zip(args.images, predictor.predict_files(args.images, args.topk)):
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
 def _terminate(signum, frame):

@@ -18,7 +18,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from .errors import FastfeatError, InputError
 from .sources import Split
 from .torch_loader import find_corrupt_file
-from .transforms import Preprocess
+from .transforms import Augment, Preprocess
 
 PREFETCH = 2
 
@@ -83,6 +83,33 @@ def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, r
     return center_crop_normalize(resize_shorter(images, pre.resize), pre)
 
 
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(split: Split, order: np.ndarray, pre: Preprocess, aug: Augment, gpu: bool, rows_per_batch: int):
+    """The recipe's fine-tune augmentation, random per sample (reproducible through the pipeline seed)."""
+    images = read_images(split, order, rows_per_batch, gpu)
+    images = fn.random_resized_crop(images, size=(pre.resize, pre.resize), random_area=aug.first_scale)
+    images = fn.rotate(images, angle=fn.random.uniform(range=(-aug.degrees, aug.degrees)), keep_size=True, fill_value=0)
+    if aug.jitter > 0:
+        jitter = (max(0.0, 1 - aug.jitter), 1 + aug.jitter)
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=jitter),
+            contrast=fn.random.uniform(range=jitter),
+            saturation=fn.random.uniform(range=jitter),
+        )
+    images = fn.random_resized_crop(
+        images, size=(pre.image_size, pre.image_size), random_area=aug.scale, random_aspect_ratio=aug.ratio
+    )
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=fn.random.coin_flip(),
+        mean=[255 * m for m in pre.mean],
+        std=[255 * s for s in pre.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
 def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.type == "cuda" else None
 
@@ -110,14 +137,25 @@ def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatE
     return FastfeatError(f"DALI pipeline failed: {str(exc).strip().splitlines()[0]}")
 
 
+def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: torch.device, *args, seed: int | None = None):
+    pipe = pipeline(
+        split, order, *args, device.type == "cuda", batch_size,
+        batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1), seed=seed,
+        device_id=dali_device_id(device), prefetch_queue_depth=PREFETCH,
+    )
+    pipe.build()
+    return pipe
+
+
 def eval_batches(
     split: Split, pre: Preprocess, batch_size: int, device: torch.device, order: np.ndarray | None = None
 ) -> Iterator[torch.Tensor]:
     order = np.arange(len(split)) if order is None else order
-    pipe = eval_pipeline(
-        split, order, pre, device.type == "cuda", batch_size,
-        batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1),
-        device_id=dali_device_id(device), prefetch_queue_depth=PREFETCH,
-    )
-    pipe.build()
+    yield from run_pipeline(_build(eval_pipeline, split, order, batch_size, device, pre), split, order, device)
+
+
+def train_batches(
+    split: Split, pre: Preprocess, aug: Augment, batch_size: int, device: torch.device, order: np.ndarray, seed: int
+) -> Iterator[torch.Tensor]:
+    pipe = _build(train_pipeline, split, order, batch_size, device, pre, aug, seed=seed)
     yield from run_pipeline(pipe, split, order, device)

@@ -9,7 +9,7 @@ import torch
 
 from .errors import InputError
 from .sources import Split
-from .transforms import Preprocess, eval_transform, eval_transform_list
+from .transforms import Augment, Preprocess, augment, eval_transform, per_size
 
 LOADERS = ("auto", "dali", "torch")
 
@@ -41,4 +41,22 @@ def eval_batches(
     from .torch_loader import uint8_batches
 
     for batch in uint8_batches(split, batch_size, device, order):
-        yield eval_transform(batch, pre) if isinstance(batch, torch.Tensor) else eval_transform_list(batch, pre)
+        yield per_size(batch, lambda images: eval_transform(images, pre))
+
+
+def train_batches(
+    split: Split, loader: str, pre: Preprocess, aug: Augment, batch_size: int, device: torch.device,
+    order: np.ndarray, seed: int,
+) -> Iterator[torch.Tensor]:
+    """Augmented, normalized float NCHW batches of the rows `order` on `device`; random per sample,
+    reproducible from `seed`."""
+    if loader == "dali":
+        from . import dali_loader
+
+        yield from dali_loader.train_batches(split, pre, aug, batch_size, device, order, seed)
+        return
+    from .torch_loader import uint8_batches
+
+    generator = torch.Generator(device).manual_seed(seed)
+    for batch in uint8_batches(split, batch_size, device, order):
+        yield per_size(batch, lambda images: augment(images, pre, aug, generator))

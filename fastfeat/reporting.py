@@ -26,3 +26,27 @@ def human_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def epoch_line(epoch: int, train_loss: float, train_acc: float, valid_loss: float, valid_acc: float, seconds: float) -> str:
+    """The original recipe's per-epoch line, so runs compare line by line with it."""
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return (
+        f"Epoch {epoch}. Train Loss: {train_loss:f}, Train Acc: {train_acc:f}, "
+        f"Valid Loss: {valid_loss:f}, Valid Acc: {valid_acc:f}, Time {h:02d}:{m:02d}:{s:02d}"
+    )
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None

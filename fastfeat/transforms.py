@@ -35,8 +35,93 @@ def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return normalize(images, pre.mean, pre.std)
 
 
-def eval_transform_list(images: list[torch.Tensor], pre: Preprocess) -> torch.Tensor:
-    """Like `eval_transform` for CHW images of possibly different sizes (stacked when they agree)."""
+def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
+    """Apply a batched `transform` to a uint8 NCHW batch, or to a list of CHW images of possibly
+    different sizes (stacked when they agree, one by one otherwise)."""
+    if isinstance(images, torch.Tensor):
+        return transform(images)
     if all(img.shape == images[0].shape for img in images):
-        return eval_transform(torch.stack(images), pre)
-    return torch.cat([eval_transform(img[None], pre) for img in images])
+        return transform(torch.stack(images))
+    return torch.cat([transform(img[None]) for img in images])
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The recipe's fine-tune augmentation: RandomResizedCrop(resize, scale=first_scale),
+    RandomRotation(degrees), ColorJitter(jitter) (the recipe's `ColorJitter()` is jitter=0: no change),
+    RandomResizedCrop(image_size), RandomHorizontalFlip, normalize."""
+
+    first_scale: tuple[float, float] = (0.8, 1.0)
+    degrees: float = 15.0
+    jitter: float = 0.0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=g.device) * (high - low) + low
+
+
+def random_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator, tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes (cx, cy, w, h) as fractions of a unit square, batched: torchvision's
+    rejection sampling (first of `tries` draws that fits, else the central crop)."""
+    area = _uniform(n * tries, *scale, g).view(n, tries)
+    log_r = _uniform(n * tries, torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), g)
+    aspect = torch.exp(log_r).view(n, tries)
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    fits = (w <= 1) & (h <= 1)
+    first = torch.where(fits.any(1), fits.float().argmax(1), 0)
+    rows = torch.arange(n, device=g.device)
+    w = torch.where(fits.any(1), w[rows, first], 1.0)
+    h = torch.where(fits.any(1), h[rows, first], 1.0)
+    cx = w / 2 + torch.rand(n, generator=g, device=g.device) * (1 - w)
+    cy = h / 2 + torch.rand(n, generator=g, device=g.device) * (1 - h)
+    return torch.stack([cx, cy, w, h], dim=1)
+
+
+def _box_affine(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset that map a box's normalized [-1, 1] coordinates into its parent's."""
+    return boxes[:, 2:], boxes[:, :2] * 2 - 1
+
+
+def augment(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
+    """uint8 NCHW (one size) -> augmented, normalized float NCHW, all samples in one `grid_sample`.
+
+    The chain crop1 -> rotate -> crop2 -> flip is composed into one sampling grid per image;
+    points that the rotation brings in from outside crop1's frame are black, as in torchvision.
+    """
+    n, size = images.shape[0], pre.image_size
+    first = random_boxes(n, aug.first_scale, (3 / 4, 4 / 3), g)
+    second = random_boxes(n, aug.scale, aug.ratio, g)
+    angle = torch.deg2rad(_uniform(n, -aug.degrees, aug.degrees, g))
+    flip = torch.where(torch.rand(n, generator=g, device=g.device) < 0.5, -1.0, 1.0)
+    scale2, shift2 = _box_affine(second)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output (u, v) -> frame after rotation: b = shift2 + scale2 * (flip * u, v) -> before rotation: a = R b
+    theta = torch.stack([
+        torch.stack([cos * scale2[:, 0] * flip, -sin * scale2[:, 1], cos * shift2[:, 0] - sin * shift2[:, 1]], 1),
+        torch.stack([sin * scale2[:, 0] * flip, cos * scale2[:, 1], sin * shift2[:, 0] + cos * shift2[:, 1]], 1),
+    ], 1)
+    a = torch.nn.functional.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    inside = (a.abs() <= 1).all(dim=-1, keepdim=True).permute(0, 3, 1, 2)
+    scale1, shift1 = _box_affine(first)
+    grid = a * scale1[:, None, None, :] + shift1[:, None, None, :]
+    out = torch.nn.functional.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = color_jitter(out * inside, aug.jitter, g)
+    mean_t = torch.tensor(pre.mean, device=out.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(pre.std, device=out.device).view(1, -1, 1, 1)
+    return (out - mean_t) / std_t
+
+
+def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Random brightness, contrast and saturation factors in [1 - s, 1 + s] per image ([0, 1] floats)."""
+    if strength <= 0:
+        return images
+    n = images.shape[0]
+    factor = lambda: _uniform(n, max(0.0, 1 - strength), 1 + strength, g).view(n, 1, 1, 1)  # noqa: E731
+    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    images = (images * factor()).clamp(0, 1)
+    mean = (images * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    images = ((images - mean) * factor() + mean).clamp(0, 1)
+    gray = (images * gray_weights).sum(1, keepdim=True)
+    return ((images - gray) * factor() + gray).clamp(0, 1)

@@ -45,3 +45,29 @@ def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, clas
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "folder")
+
+
+def make_cifar(root: Path, n_train: int = 64, n_test: int = 32) -> Path:
+    """A learnable two-class CIFAR-10-layout dataset: class 0 dark images, class 1 bright ones."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int) -> dict:
+        labels = rng.integers(0, 2, n)
+        level = np.where(labels == 1, 190, 60)[:, None]
+        data = np.clip(level + rng.normal(0, 25, (n, 3 * 32 * 32)), 0, 255).astype(np.uint8)
+        return {b"data": data, b"labels": labels.tolist(), b"filenames": [f"{i}.png".encode() for i in range(n)]}
+
+    for i in range(1, 6):
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train // 5)))
+    (base / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"dark", b"bright"]}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def learnable(tmp_path_factory) -> Path:
+    return make_cifar(tmp_path_factory.mktemp("learnable"), n_train=160, n_test=40)

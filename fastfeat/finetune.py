@@ -1,0 +1,344 @@
+"""`fastfeat finetune`: augmented batches through the whole network with mixed precision.
+
+Unlike the original recipe (whose optimizer held only `fc`), the backbone really is updated:
+backbone parameters at lr x backbone_lr_scale, the head at lr.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from torch.nn.parallel import DistributedDataParallel
+
+from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
+from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
+from .errors import InputError
+from .loaders import eval_batches, resolve_loader, train_batches
+from .reporting import atomic_torch_save, epoch_line
+from .runtime import amp_dtype, autocast, precision_name, resolve_device
+from .sources import Split, open_dataset
+from .transforms import Augment, Preprocess
+
+FREEZE_ORDER = ("stem", "layer1", "layer2", "layer3")
+CHECKPOINT_FORMAT = "fastfeat-finetune"
+
+
+@dataclass
+class FinetuneOptions:
+    data: str = "data"
+    dataset: str = "auto"
+    download: bool = False
+    limit: int | None = None
+    loader: str = "auto"
+    image_size: int = 224
+    resize: int = 256
+    jitter: float = 0.0
+    weights: str = "imagenet"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    amp: bool = True
+    amp_dtype: str | None = None
+    channels_last: bool = True
+    compile: bool = False
+    epochs: int = 5
+    lr: float = 0.01
+    backbone_lr_scale: float = 0.1
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    freeze: str = "none"
+    init_head: str | None = None
+    checkpoint_dir: str = "data/finetune"
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    best: Path
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def best_valid_acc(self) -> float:
+        return max((h["valid_acc"] for h in self.history), default=0.0)
+
+    def metrics(self) -> dict:
+        seconds = sum(h["seconds"] for h in self.history)
+        images = sum(h["train_images"] for h in self.history)
+        return {
+            "command": "finetune",
+            "epochs": self.history,
+            "best_valid_acc": self.best_valid_acc,
+            "final_valid_acc": self.history[-1]["valid_acc"] if self.history else None,
+            "train_images_per_second": round(images / max(sum(h["train_seconds"] for h in self.history), 1e-9), 2),
+            "seconds": round(seconds, 3),
+            "checkpoint": str(self.checkpoint),
+            "best": str(self.best),
+        }
+
+
+def _frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
+    """Modules up to and including `freeze` (stem = conv1 + bn1), in forward order."""
+    if freeze == "none":
+        return []
+    if freeze not in FREEZE_ORDER:
+        raise InputError(f"unknown --freeze {freeze!r}: choose none, {', '.join(FREEZE_ORDER)}")
+    stages = [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3]]
+    return [m for stage in stages[: FREEZE_ORDER.index(freeze) + 1] for m in stage]
+
+
+def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Module, dict]:
+    """resnet18 with a fresh (or `--init-head`) K-way `fc`, and the attributes that identify it."""
+    model, info = build_resnet18(opts.weights, opts.seed)
+    attrs = {
+        "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": info.weights_id, "weights_sha256": info.sha256,
+        "image_size": opts.image_size, "resize": opts.resize, "mean": list(Preprocess().mean), "std": list(Preprocess().std),
+    }
+    model.fc = nn.Linear(FEATURE_DIM, len(classes))
+    if opts.init_head:
+        from .head import check_head_matches, load_head
+
+        head, head_classes, head_attrs = load_head(opts.init_head)
+        check_head_matches(head_attrs, attrs)
+        if list(head_classes) != list(classes):
+            raise InputError(f"--init-head {opts.init_head} has classes {head_classes}, the data has {classes}")
+        model.fc = head_as_linear(head)
+    return model, attrs
+
+
+def head_as_linear(head: nn.Module) -> nn.Linear:
+    """Fold a head (optional feature standardisation + linear) into one `nn.Linear` on raw features."""
+    eye = torch.eye(FEATURE_DIM)
+    with torch.no_grad():
+        bias = head(torch.zeros(1, FEATURE_DIM))[0]
+        weight = (head(eye) - bias).T
+    linear = nn.Linear(FEATURE_DIM, weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
+
+
+def make_optimizer(model: nn.Module, opts: FinetuneOptions) -> torch.optim.Optimizer:
+    head = list(model.fc.parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": backbone, "lr": opts.lr * opts.backbone_lr_scale}, {"params": head, "lr": opts.lr}]
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=0.9, nesterov=True, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    raise InputError(f"unknown --optimizer {opts.optimizer!r}: choose sgd or adamw")
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, opts: FinetuneOptions, steps_per_epoch: int):
+    """Per-step LambdaLR: linear warm-up, then cosine decay, a x0.1 step every third of the run, or flat."""
+    total, warmup = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
+    if opts.schedule not in ("cosine", "step", "none"):
+        raise InputError(f"unknown --schedule {opts.schedule!r}: choose cosine, step or none")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if opts.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if opts.schedule == "step":
+            return 0.1 ** (3 * step // max(1, total))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int, batch_size: int, world: World = World()) -> np.ndarray:
+    """This rank's rows of a fresh shuffle per epoch, reproducible from (seed, epoch): ranks take
+    disjoint, equal shares; the ragged tail is dropped so BatchNorm never sees a batch of one."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    step = batch_size * world.size
+    if n > step:
+        order = order[: n - n % step]
+    return order[world.rank :: world.size]
+
+
+class Trainer:
+    """Holds the model, optimizer, scaler and schedule; runs epochs and writes checkpoints."""
+
+    def __init__(self, opts: FinetuneOptions, classes: list[str], steps_per_epoch: int, world: World = World(),
+                 device: torch.device | None = None):
+        self.opts, self.world = opts, world
+        self.device = device or resolve_device(opts.device)
+        self.dtype = amp_dtype(self.device, opts.amp, opts.amp_dtype)
+        self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+        model, self.attrs = build_classifier(opts, classes)
+        self.frozen = _frozen_modules(model, opts.freeze)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        wrapped = self.model
+        if world.distributed:
+            wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(wrapped) if opts.compile else wrapped
+        self.optimizer = make_optimizer(self.model, opts)
+        self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+        self.classes, self.epoch, self.history = classes, 0, []
+
+    def train_mode(self) -> None:
+        """BatchNorm trains in unfrozen layers only; frozen layers keep their running statistics."""
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.contiguous(memory_format=self.memory_format)
+        with autocast(self.device, self.dtype):
+            logits = self.forward(images)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
+    @torch.no_grad()
+    def evaluate(self, batches, labels: torch.Tensor) -> tuple[float, float]:
+        """Mean loss and accuracy over `batches` (this rank's rows), summed over all ranks."""
+        self.model.eval()
+        loss_sum = correct = 0.0
+        row = 0
+        criterion = nn.CrossEntropyLoss(reduction="sum")
+        for images in batches:
+            target = labels[row : row + len(images)]
+            with autocast(self.device, self.dtype):
+                logits = self.forward(images.contiguous(memory_format=self.memory_format)).float()
+            loss_sum += criterion(logits, target).item()
+            correct += (logits.argmax(1) == target).sum().item()
+            row += len(images)
+        loss_sum, correct, row = all_reduce_sum(torch.tensor([loss_sum, correct, row], dtype=torch.float64), self.world).tolist()
+        return loss_sum / max(row, 1), correct / max(row, 1)
+
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "classes": self.classes,
+            "attrs": self.attrs,
+            "options": asdict(self.opts),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A fine-tune checkpoint, or a one-line error."""
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a fastfeat finetune checkpoint")
+    return state
+
+
+def _resume(trainer: Trainer, last: Path) -> None:
+    state = read_checkpoint(last)
+    if state["attrs"] != trainer.attrs or state["classes"] != trainer.classes:
+        raise InputError(f"cannot resume from {last}: it was trained with another backbone, preprocessing or classes")
+    trainer.load_state(state)
+
+
+def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
+    """Fine-tune the whole network (minus `--freeze`d stages) on the train split, validating each epoch.
+
+    Under torchrun: DistributedDataParallel, each rank on a disjoint share of every epoch's shuffle;
+    losses and accuracies are summed over ranks; only rank 0 logs and writes checkpoints.
+    """
+    if opts.batch_size < 1 or opts.epochs < 1:
+        raise InputError("--batch-size and --epochs must be at least 1")
+    world, device = init_world(opts.device)
+    dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download)
+    loader = resolve_loader(opts.loader)
+    pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
+    aug = Augment(jitter=opts.jitter)
+    train, test = dataset.splits["train"], dataset.splits["test"].rows(*shard_range(len(dataset.splits["test"]), world))
+    steps = max(1, -(-len(epoch_order(len(train), 0, 0, opts.batch_size, world)) // opts.batch_size))
+    trainer = Trainer(opts, list(dataset.classes), steps, world, device)
+    last, best = Path(opts.checkpoint_dir) / "last.pt", Path(opts.checkpoint_dir) / "best.pt"
+    if last.exists() and not opts.resume:
+        raise InputError(f"{last} exists: pass --resume to continue that run, or choose another --checkpoint-dir")
+    if opts.resume and last.exists():
+        _resume(trainer, last)
+    test_labels = torch.from_numpy(test.labels).to(device)
+    while trainer.epoch < opts.epochs:
+        start = time.perf_counter()
+        train_loss, train_acc, images, train_seconds = _train_epoch(trainer, train, loader, pre, aug)
+        valid_loss, valid_acc = trainer.evaluate(eval_batches(test, loader, pre, opts.batch_size, device), test_labels)
+        seconds = time.perf_counter() - start
+        record = {
+            "epoch": trainer.epoch, "train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss,
+            "valid_acc": valid_acc, "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3),
+            "train_images": images, "train_images_per_second": round(images / max(train_seconds, 1e-9), 2),
+        }
+        is_best = valid_acc > max((h["valid_acc"] for h in trainer.history), default=-1.0)
+        trainer.history.append(record)
+        trainer.epoch += 1
+        if world.is_main:
+            log(epoch_line(record["epoch"], train_loss, train_acc, valid_loss, valid_acc, seconds))
+            state = trainer.state()
+            atomic_torch_save(state, last)
+            if is_best:
+                atomic_torch_save(state, best)
+        barrier(world)
+    return FinetuneResult(last, best, trainer.history)
+
+
+def _train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, aug: Augment) -> tuple[float, float, int, float]:
+    """One pass over this rank's share of the epoch's shuffle; loss, accuracy and images summed over ranks."""
+    opts, world, device = trainer.opts, trainer.world, trainer.device
+    order = epoch_order(len(train), opts.seed, trainer.epoch, opts.batch_size, world)
+    labels = torch.from_numpy(train.labels[order]).to(device)
+    seed = int(np.random.SeedSequence([opts.seed, trainer.epoch, world.rank]).generate_state(1)[0])
+    batches = train_batches(train, loader, pre, aug, opts.batch_size, device, order, seed)
+    trainer.train_mode()
+    totals = torch.zeros(2, device=device)  # loss sum, correct
+    row, start = 0, time.perf_counter()
+    bar = tqdm(total=len(order) * world.size, desc=f"finetune epoch {trainer.epoch}", unit="img",
+               disable=not (opts.progress and world.is_main), dynamic_ncols=True)
+    for images in batches:
+        loss, hits = trainer.step(images, labels[row : row + len(images)])
+        totals += torch.stack([loss, hits.float()])
+        row += len(images)
+        bar.update(len(images) * world.size)
+    bar.close()
+    seconds = time.perf_counter() - start
+    loss_sum, correct, rows = all_reduce_sum(torch.cat([totals.double().cpu(), torch.tensor([row], dtype=torch.float64)]), world).tolist()
+    return loss_sum / max(rows, 1), correct / max(rows, 1), int(rows), seconds

@@ -1,0 +1,110 @@
+"""`fastfeat predict`: classify images with a fine-tuned checkpoint or a head (backbone rebuilt)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import FEATURE_DIM, build_resnet18
+from .errors import InputError
+from .finetune import CHECKPOINT_FORMAT
+from .loaders import eval_batches, resolve_loader
+from .runtime import amp_dtype, autocast, resolve_device
+from .sources import open_dataset
+from .torch_loader import decode_file
+from .transforms import Preprocess, eval_transform, per_size
+
+
+@dataclass
+class Classifier:
+    """A full image classifier (backbone + head) with its class names and preprocessing."""
+
+    model: nn.Module
+    classes: list[str]
+    pre: Preprocess
+
+
+def _backbone_for(attrs: dict, weights: str | None) -> nn.Module:
+    """Rebuild the backbone a head was trained on, from its recorded weights id (or `weights`)."""
+    source = attrs["weights"]
+    if weights is None:
+        if source.startswith("imagenet:"):
+            weights, seed = "imagenet", 0
+        elif source.startswith("none:seed="):
+            weights, seed = "none", int(source.removeprefix("none:seed="))
+        else:
+            raise InputError(f"the head was trained on {source}: pass --weights FILE with that resnet18 state dict")
+    else:
+        seed = 0
+    backbone, info = build_resnet18(weights, seed)
+    if info.sha256 != attrs["weights_sha256"]:
+        raise InputError(f"--weights {weights} are not the backbone this head was trained on ({source})")
+    return backbone
+
+
+def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
+    """Load a `fastfeat finetune` checkpoint or a `fastfeat train-head` head as a full classifier."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"unreadable model file {path}: {str(exc).splitlines()[0]}") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == CHECKPOINT_FORMAT:
+        model, _ = build_resnet18("none")
+        model.fc = nn.Linear(FEATURE_DIM, len(state["classes"]))
+        model.load_state_dict(state["model"])
+        classes, attrs = state["classes"], state["attrs"]
+    elif fmt == "fastfeat-head":
+        from .head import load_head
+
+        head, classes, attrs = load_head(path)
+        model = nn.Sequential(_backbone_for(attrs, weights), head)
+    else:
+        raise InputError(f"{path} is neither a fastfeat finetune checkpoint nor a fastfeat head")
+    pre = Preprocess(resize=attrs["resize"], image_size=attrs["image_size"], mean=tuple(attrs["mean"]), std=tuple(attrs["std"]))
+    return Classifier(model.eval(), list(classes), pre)
+
+
+class Predictor:
+    """A classifier on a device, with autocast: logits for normalized batches."""
+
+    def __init__(self, classifier: Classifier, device: str = "auto", amp: bool = True):
+        self.device = resolve_device(device)
+        self.dtype = amp_dtype(self.device, amp)
+        self.classifier = classifier
+        self.model = classifier.model.to(self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return self.model(images.to(self.device)).float().softmax(1)
+
+    def predict_files(self, files: list[str], topk: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k (class, probability) for each image file."""
+        images = []
+        for f in files:
+            image = decode_file(f)
+            if image is None:
+                raise InputError(f"corrupt or missing image: {f}")
+            images.append(image.to(self.device))
+        probs = self.probabilities(per_size(images, lambda batch: eval_transform(batch, self.classifier.pre)))
+        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+        return [[(self.classifier.classes[i], v) for v, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
+
+    def accuracy(self, data: str, split: str = "test", loader: str = "auto", batch_size: int = 128, limit: int | None = None) -> tuple[float, int]:
+        """Top-1 accuracy on a dataset split (its classes must be the model's)."""
+        dataset = open_dataset(data, "auto", (split,), limit)
+        if list(dataset.classes) != self.classifier.classes:
+            raise InputError(f"{data} has classes {list(dataset.classes)}, the model has {self.classifier.classes}")
+        rows = dataset.splits[split]
+        labels = torch.from_numpy(rows.labels).to(self.device)
+        correct = start = 0
+        for images in eval_batches(rows, resolve_loader(loader), self.classifier.pre, batch_size, self.device):
+            correct += (self.probabilities(images).argmax(1) == labels[start : start + len(images)]).sum().item()
+            start += len(images)
+        return correct / max(start, 1), start

@@ -1,0 +1,147 @@
+"""fastfeat finetune and predict: augmented streams, real backbone updates, AMP, exact resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MEAN, STD
+from fastfeat.cli import main
+from fastfeat.errors import InputError
+from fastfeat.finetune import FinetuneOptions, Trainer, finetune, read_checkpoint
+from fastfeat.loaders import dali_available, eval_batches, train_batches
+from fastfeat.predict import Predictor, load_classifier
+from fastfeat.sources import Split, open_dataset
+from fastfeat.transforms import Augment, Preprocess
+
+LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
+PRE = Preprocess(resize=73, image_size=64)
+
+
+def options(data, tmp_path, **kw) -> FinetuneOptions:
+    base = dict(data=str(data), image_size=64, resize=73, weights="none", device="cpu", loader="torch", epochs=1,
+                batch_size=16, lr=0.05, checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    return FinetuneOptions(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_train_batches_are_shaped_normalised_and_random_per_sample(sample, loader):
+    one = open_dataset(sample, splits=("train",), limit=1).splits["train"].images
+    split = Split("train", np.zeros(16, dtype=np.int64), images=np.repeat(one, 16, axis=0))
+    order = np.arange(16)
+    first = torch.cat(list(train_batches(split, loader, PRE, Augment(jitter=0.4), 8, torch.device("cpu"), order, seed=1)))
+    again = torch.cat(list(train_batches(split, loader, PRE, Augment(jitter=0.4), 8, torch.device("cpu"), order, seed=1)))
+    other = torch.cat(list(train_batches(split, loader, PRE, Augment(jitter=0.4), 8, torch.device("cpu"), order, seed=2)))
+    plain = torch.cat(list(eval_batches(split, loader, PRE, 8, torch.device("cpu"))))
+    assert first.shape == (16, 3, 64, 64) and first.dtype == torch.float32
+    pixels = first * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4  # normalised from [0, 1] pixels
+    assert torch.equal(first, again)  # reproducible from the seed
+    assert not torch.equal(first, other)
+    # the same image, 16 times: every copy is augmented differently, and none is the plain eval crop
+    distinct = {tuple(x.flatten()[:256].round(decimals=3).tolist()) for x in first}
+    assert len(distinct) == 16
+    assert ((first - plain).abs().mean(dim=(1, 2, 3)) > 0.05).all()
+
+
+def test_backbone_really_changes_and_frozen_stages_do_not(learnable, tmp_path):
+    opts = options(learnable, tmp_path, freeze="layer1")
+    init = Trainer(opts, ["dark", "bright"], 1).model.state_dict()
+    finetune(opts, log=lambda line: None)
+    trained = read_checkpoint(tmp_path / "ckpt" / "last.pt")["model"]
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.1.bn2.running_var"):
+        assert torch.equal(init[key], trained[key]), key
+    for key in ("layer2.0.conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.running_mean", "fc.weight"):
+        assert not torch.equal(init[key], trained[key]), key
+
+
+def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp_path):
+    lines = []
+    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02), log=lines.append)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.history[-1]["valid_acc"] >= 0.9
+    pattern = r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d"
+    assert len(lines) == 4 and all(__import__("re").fullmatch(pattern, line) for line in lines), lines
+
+
+@pytest.mark.parametrize("amp, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_amp_uses_bf16_autocast_on_cpu(learnable, tmp_path, amp, expected):
+    trainer = Trainer(options(learnable, tmp_path, amp=amp), ["dark", "bright"], 1)
+    seen = []
+    trainer.model.layer3[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.step(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]))
+    assert seen == [expected]
+    assert trainer.model.layer3[0].conv1.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path, monkeypatch):
+    whole = finetune(options(learnable, tmp_path / "a", epochs=2), log=lambda line: None)
+    real_step, calls = Trainer.step, {"n": 0}
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 14:  # inside the second epoch (10 steps an epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    opts = options(learnable, tmp_path / "b", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(opts, log=lambda line: None)
+    assert read_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "step", real_step)
+    with pytest.raises(InputError, match="--resume"):
+        finetune(opts, log=lambda line: None)
+    opts.resume = True
+    resumed = finetune(opts, log=lambda line: None)
+    a = read_checkpoint(whole.checkpoint)["model"]
+    b = read_checkpoint(resumed.checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+
+
+def test_predict_agrees_with_the_model(learnable, tmp_path, capsys):
+    result = finetune(options(learnable, tmp_path, epochs=2), log=lambda line: None)
+    classifier = load_classifier(result.best)
+    predictor = Predictor(classifier, "cpu")
+    test = open_dataset(learnable, splits=("test",)).splits["test"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        images = torch.cat(list(eval_batches(test, "torch", PRE, 64, torch.device("cpu"))))
+        expected = classifier.model(images).float().argmax(1)
+    accuracy, n = predictor.accuracy(str(learnable), loader="torch")
+    assert n == 40 and accuracy == pytest.approx((expected.numpy() == test.labels).mean())
+
+    files = []
+    for i in (0, 1):
+        path = tmp_path / f"{i}.png"
+        __import__("PIL.Image").Image.fromarray(test.images[i]).save(path)
+        files.append(str(path))
+    assert main(["predict", "--model", str(result.best), "--device", "cpu", "--topk", "2", *files]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for line, label in zip(out, expected[:2].tolist()):
+        assert line.split(": ")[1].split()[0] == classifier.classes[label]
+
+
+def test_cli_writes_checkpoints_and_metrics(learnable, tmp_path):
+    metrics = tmp_path / "m.json"
+    code = main(["finetune", "--data", str(learnable), "--image-size", "64", "--resize", "73", "--weights", "none",
+                 "--device", "cpu", "--loader", "torch", "--epochs", "1", "--batch-size", "16", "--no-progress",
+                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics", str(metrics)])
+    assert code == 0
+    m = json.loads(metrics.read_text())
+    assert m["command"] == "finetune" and len(m["epochs"]) == 1 and m["train_images_per_second"] > 0
+    state = read_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert {"model", "optimizer", "scaler", "schedule", "epoch", "rng", "classes", "attrs"} <= set(state)
+    assert (tmp_path / "ckpt" / "best.pt").exists() and not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_bad_inputs_are_one_line(learnable, tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nope.pt"), "x.png"]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["predict", "--model", str(tmp_path / "junk.pt"), "x.png"]) == 2
+    assert main(["finetune", "--data", str(tmp_path / "missing"), "--weights", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("fastfeat ") and "error:" in line for line in err), err
