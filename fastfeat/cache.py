@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbone import BACKBONE, FEATURE_DIM, FeatureExtractor, build_resnet18
-from .cache_file import CacheWriter, shard_path
+from .cache_file import CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
-from .errors import InputError
+from .errors import FastfeatError, InputError
 from .loaders import eval_batches, resolve_loader
 from .runtime import amp_dtype, precision_name
 from .sources import Dataset, Split, open_dataset
@@ -121,25 +121,40 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
-    start_time, images = time.perf_counter(), 0
-    if not (world.distributed and opts.resume and target.exists()):  # a finished shard of a resumed run is kept
-        writer = CacheWriter(
-            target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, FEATURE_DIM,
-            opts.dtype, opts.resume, opts.overwrite or world.distributed,
-        )
-        try:
-            for name, split in dataset.splits.items():
-                images += _cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world)
-            writer.finish()
-        finally:
-            writer.close()
-    barrier(world)
+    start_time, images, failure = time.perf_counter(), 0, None
+    try:
+        shard_rows = {n: stop - start for n, (start, stop) in shards.items()}
+        if not (world.distributed and opts.resume and finished_shard(target, attrs, shard_rows, opts.dtype)):
+            images = _cache_rows(target, attrs, shards, dataset, extractor, loader, pre, opts, world)
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = exc
+    failed_ranks = int(all_reduce_sum(torch.tensor([int(failure is not None)]), world).item())
+    if failure is not None:
+        raise failure
+    if failed_ranks:
+        raise FastfeatError(f"{failed_ranks} other rank(s) failed; fix the cause and rerun with --resume to continue")
     images = int(all_reduce_sum(torch.tensor([images]), world).item())
     if world.distributed and world.is_main:
         _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, opts)
     barrier(world)
     seconds = time.perf_counter() - start_time
-    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size, rows, world.size)
+    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size if out.exists() else 0, rows, world.size)
+
+
+def _cache_rows(target: Path, attrs: dict, shards: dict[str, tuple[int, int]], dataset: Dataset,
+                extractor: FeatureExtractor, loader: str, pre: Preprocess, opts: CacheOptions, world: World) -> int:
+    """Write this rank's rows of every split into `target` (the cache, or this rank's shard)."""
+    writer = CacheWriter(
+        target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, FEATURE_DIM,
+        opts.dtype, opts.resume, opts.overwrite or world.distributed,
+    )
+    try:
+        images = sum(_cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world)
+                     for name, split in dataset.splits.items())
+        writer.finish()
+    finally:
+        writer.close()
+    return images
 
 
 def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: FeatureExtractor, loader: str,

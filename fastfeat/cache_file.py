@@ -53,7 +53,7 @@ class CacheWriter:
         self.out, self.tmp = Path(out), partial_path(Path(out))
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
-        self.attrs = {**attrs, "feature_dtype": dtype, "rows": json.dumps(split_rows)}
+        self.attrs = file_attrs(attrs, split_rows, dtype)
         if self.tmp.exists() and resume:
             self.file = self._reopen()
         elif self.tmp.exists() and not overwrite:
@@ -83,13 +83,13 @@ class CacheWriter:
     def _reopen(self) -> h5py.File:
         try:
             f = h5py.File(self.tmp, "r+")
-            found = {key: _plain(f.attrs[key]) for key in self.attrs if key in f.attrs}
         except OSError as exc:
             raise InputError(f"cannot resume {self.tmp} ({exc}): pass --overwrite to start over") from None
-        changed = sorted(k for k, v in self.attrs.items() if found.get(k) != _plain(v))
-        if changed:
+        try:
+            _check_same_attrs(f, self.attrs)
+        except InputError:
             f.close()
-            raise InputError(f"cannot resume {self.tmp}: it was started with different {', '.join(changed)} (pass --overwrite to start over)")
+            raise
         return f
 
     def rows_written(self, split: str) -> int:
@@ -135,6 +135,28 @@ class CacheWriter:
         self.file.close()
         if empty:
             self.tmp.unlink()
+
+
+def file_attrs(attrs: dict, split_rows: dict[str, int], dtype: str) -> dict:
+    """Everything a cache (or shard) records about how its rows were made."""
+    return {**attrs, "feature_dtype": dtype, "rows": json.dumps(split_rows)}
+
+
+def _check_same_attrs(f: h5py.File, expected: dict) -> None:
+    changed = sorted(k for k, v in expected.items() if _plain(f.attrs.get(k)) != _plain(v))
+    if changed:
+        raise InputError(
+            f"cannot resume {f.filename}: it was made with different {', '.join(changed)} (pass --overwrite to start over)"
+        )
+
+
+def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: str) -> bool:
+    """Whether `path` is a complete shard made with these settings (a resumed torchrun job keeps it)."""
+    if not path.exists():
+        return False
+    with h5py.File(path, "r") as f:
+        _check_same_attrs(f, file_attrs(attrs, split_rows, dtype))
+        return bool(f.attrs.get("complete"))
 
 
 def _plain(value):
