@@ -6,13 +6,16 @@ device-to-device into a torch tensor (no host round trip).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 
-import numpy as np
-import torch
-import nvidia.dali.math as dmath
-from nvidia.dali import fn, pipeline_def, types
+os.environ.setdefault("DALI_NVIMGCODEC_LOG_LEVEL", "1")  # the decoder's own log: errors only
+
+import nvidia.dali.math as dmath  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .errors import FastfeatError, InputError
@@ -137,7 +140,18 @@ def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatE
     return FastfeatError(f"DALI pipeline failed: {str(exc).strip().splitlines()[0]}")
 
 
+@functools.lru_cache(maxsize=4)
+def check_headers(files: tuple[str, ...]) -> None:
+    """Refuse files whose image header does not parse: DALI's CPU decoder can crash the process
+    (not raise) on some broken files, so they must not reach it."""
+    bad = find_corrupt_file(files, full_decode=False)
+    if bad is not None:
+        raise InputError(f"corrupt image: {bad}")
+
+
 def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: torch.device, *args, seed: int | None = None):
+    if split.files is not None:
+        check_headers(split.files)
     pipe = pipeline(
         split, order, *args, device.type == "cuda", batch_size,
         batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1), seed=seed,

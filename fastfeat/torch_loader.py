@@ -25,9 +25,19 @@ def decode_file(path: str) -> torch.Tensor | None:
         return None
 
 
-def find_corrupt_file(files: tuple[str, ...]) -> str | None:
-    """The first of `files` that does not decode (used to name the culprit after a failed batch)."""
-    return next((f for f in files if decode_file(f) is None), None)
+def find_corrupt_file(files: tuple[str, ...], full_decode: bool = True) -> str | None:
+    """The first of `files` that PIL cannot read: fully decoded, or only its header parsed (fast).
+    PIL rather than torchvision.io, whose libjpeg clashes with DALI's inside one process."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if full_decode:
+                    image.load()
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            return path
+    return None
 
 
 class _DecodedFiles(Dataset):

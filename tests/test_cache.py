@@ -284,3 +284,22 @@ def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     m = json.loads(metrics.read_text())
     assert set(m) == {"command", "images", "seconds", "images_per_second", "loader", "device", "precision", "out"}
     assert m["images"] == 40 and m["out"] == str(out) and m["precision"] == "bfloat16" and m["device"] == "cpu"
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_from_the_console_is_one_line(folder, tmp_path, loader, damage):
+    """In a real process: DALI's decoder can crash (not raise) on broken files, so none reach it."""
+    good = (folder / "train" / "dog" / "0.jpg").read_bytes()
+    broken = b"\xff\xd8\xff\xe0garbage" * 10 if damage == "garbage" else good[: len(good) * 2 // 3]
+    (folder / "train" / "dog" / "bad.jpg").write_bytes(broken)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastfeat", "cache", "--data", str(folder), "--weights", "none", "--loader", loader,
+         "--image-size", "32", "--resize", "36", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "c.h5")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if "fastfeat" in line]  # the rest: DALI's C++ decoder log
+    assert ours == [f"fastfeat cache: error: corrupt image: {folder / 'train' / 'dog' / 'bad.jpg'}"]
+    assert not (tmp_path / "c.h5").exists()
