@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from .errors import InputError
+from .reporting import read_torch_file
 from .runtime import autocast
 
 FEATURE_DIM = 512
@@ -53,12 +54,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (bare, or under a 'state_dict'/'model' key)."""
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist (use --weights imagenet|none|FILE)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"unreadable weights file {path}: {str(exc).splitlines()[0]}") from None
+    state = read_torch_file(path, "weights file", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

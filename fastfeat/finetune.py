@@ -22,7 +22,7 @@ from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import InputError
 from .loaders import eval_batches, resolve_loader, train_batches
-from .reporting import atomic_torch_save, epoch_line
+from .reporting import atomic_torch_save, epoch_line, read_torch_file
 from .runtime import amp_dtype, autocast, precision_name, resolve_device
 from .sources import Split, open_dataset
 from .transforms import Augment, Preprocess
@@ -258,12 +258,7 @@ class Trainer:
 
 def read_checkpoint(path: Path) -> dict:
     """A fine-tune checkpoint, or a one-line error."""
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InputError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    state = read_torch_file(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not a fastfeat finetune checkpoint")
     return state

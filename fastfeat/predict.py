@@ -11,6 +11,7 @@ from .backbone import FEATURE_DIM, build_resnet18
 from .errors import InputError
 from .finetune import CHECKPOINT_FORMAT
 from .loaders import eval_batches, resolve_loader
+from .reporting import read_torch_file
 from .runtime import amp_dtype, autocast, resolve_device
 from .sources import open_dataset
 from .torch_loader import decode_file
@@ -46,13 +47,7 @@ def _backbone_for(attrs: dict, weights: str | None) -> nn.Module:
 
 def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
     """Load a `fastfeat finetune` checkpoint or a `fastfeat train-head` head as a full classifier."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InputError(f"unreadable model file {path}: {str(exc).splitlines()[0]}") from None
+    state = read_torch_file(path, "model file")
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == CHECKPOINT_FORMAT:
         model, _ = build_resnet18("none")

@@ -50,3 +50,16 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def read_torch_file(path: str | Path, what: str, weights_only: bool = False):
+    """torch.load on the CPU, or a one-line InputError naming `what` (e.g. "checkpoint")."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        raise InputError(f"unreadable {what} {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
