@@ -4,9 +4,13 @@ __version__ = "0.1.0"
 from .cache import CacheOptions, CacheResult, build_cache  # noqa: E402
 from .cache_file import CacheData, read_cache  # noqa: E402
 from .errors import FastfeatError, InputError  # noqa: E402
+from .finetune import FinetuneOptions, FinetuneResult, finetune  # noqa: E402
+from .head import HeadOptions, HeadResult, check_head_matches, load_head, train_head  # noqa: E402
+from .predict import Classifier, Predictor, load_classifier  # noqa: E402
 from .sources import Dataset, Split, open_dataset  # noqa: E402
 
 __all__ = [
-    "CacheData", "CacheOptions", "CacheResult", "Dataset", "FastfeatError", "InputError", "Split",
-    "build_cache", "open_dataset", "read_cache",
+    "CacheData", "CacheOptions", "CacheResult", "Classifier", "Dataset", "FastfeatError", "FinetuneOptions",
+    "FinetuneResult", "HeadOptions", "HeadResult", "InputError", "Predictor", "Split", "build_cache",
+    "check_head_matches", "finetune", "load_classifier", "load_head", "open_dataset", "read_cache", "train_head",
 ]

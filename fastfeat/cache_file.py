@@ -143,7 +143,7 @@ def file_attrs(attrs: dict, split_rows: dict[str, int], dtype: str) -> dict:
 
 
 def _check_same_attrs(f: h5py.File, expected: dict) -> None:
-    changed = sorted(k for k, v in expected.items() if _plain(f.attrs.get(k)) != _plain(v))
+    changed = sorted(k for k, v in expected.items() if plain_value(f.attrs.get(k)) != plain_value(v))
     if changed:
         raise InputError(
             f"cannot resume {f.filename}: it was made with different {', '.join(changed)} (pass --overwrite to start over)"
@@ -159,7 +159,7 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
         return bool(f.attrs.get("complete"))
 
 
-def _plain(value):
+def plain_value(value):
     """HDF5 attributes come back as numpy scalars/arrays: compare them as plain Python values."""
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -195,7 +195,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), fe
     except OSError:
         raise InputError(f"{path} is not an HDF5 file") from None
     with f:
-        attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        attrs = {key: plain_value(value) for key, value in f.attrs.items()}
         if "fastfeat_version" not in attrs or "classes" not in attrs:
             raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
         if not attrs.get("complete"):

@@ -65,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.set_defaults(run=run_cache)
 
+    th = sub.add_parser("train-head", help="train the 512->K head from a feature cache, in seconds")
+    th.add_argument("--cache", default="data/cifar10-resnet18.h5", help="a fastfeat cache (default: data/cifar10-resnet18.h5)")
+    th.add_argument("--epochs", type=int, default=20)
+    th.add_argument("--batch-size", type=int, default=1024)
+    th.add_argument("--lr", type=float, default=None, help="default: 0.2 (sgd), 3e-3 (adamw), 1.0 (lbfgs)")
+    th.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "lbfgs"])
+    th.add_argument("--weight-decay", type=float, default=None,
+                    help="L2 on the weight; default: 100/train rows (sgd, lbfgs), 0.5 decoupled (adamw)")
+    th.add_argument("--label-smoothing", type=float, default=0.0)
+    th.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                    help="standardise features with the train split's mean and std (default: on)")
+    th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    th.add_argument("--out", default=None, help="head file (default: <cache stem>.head.pt beside the cache)")
+    th.add_argument("--metrics", default=None, help="write metrics to this JSON file")
+    th.set_defaults(run=run_train_head)
+
     ft = sub.add_parser("finetune", help="fine-tune the whole network on augmented batches (AMP)")
     add_data_args(ft)
     ft.add_argument("--jitter", type=float, default=0.0, help="ColorJitter strength (the recipe's ColorJitter() is 0)")
@@ -132,6 +149,17 @@ def run_cache(args: argparse.Namespace) -> None:
         write_json(args.metrics, result.metrics())
 
 
+def run_train_head(args: argparse.Namespace) -> None:
+    from .head import HeadOptions, train_head
+
+    _check_writable(args.metrics)
+    result = train_head(_options(HeadOptions, args))
+    print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
+          f"(best {result.best_valid_acc:.4f}) -> {result.out}")
+    if args.metrics:
+        write_json(args.metrics, result.metrics())
+
+
 def run_finetune(args: argparse.Namespace) -> None:
     from .finetune import FinetuneOptions, finetune
 
@@ -177,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastfeat {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"fastfeat {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        hint = "" if args.command in ("train-head", "predict") else "; rerun with --resume to continue"
+        print(f"fastfeat {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError:
         print(f"fastfeat {args.command}: error: out of memory; try a smaller --batch-size", file=sys.stderr)

@@ -1,0 +1,238 @@
+"""fastfeat train-head: learns, matches a tuned L-BFGS probe, saves and reloads, fails in one line."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fastfeat import CacheOptions, InputError, build_cache, read_cache
+from fastfeat.cache import cache_attrs
+from fastfeat.cache_file import CacheWriter
+from fastfeat.finetune import FinetuneOptions, build_classifier, head_as_linear
+from fastfeat.head import (HeadOptions, check_head_matches, fit_head, fit_lbfgs_reference, load_features, load_head,
+                           train_head)
+from fastfeat.sources import Dataset
+from fastfeat.transforms import Preprocess
+
+RECIPE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "original-recipe.txt"
+EPOCH_LINE = (r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, "
+              r"Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d")
+CLASSES = ("a", "b", "c")
+
+
+def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
+                **attrs) -> Path:
+    """A cache file as `fastfeat cache` writes it, from given features and labels."""
+    dataset = Dataset("folder", out.parent, tuple(classes), {})
+    base = cache_attrs(dataset, Preprocess(), "none:seed=0", "0" * 64, "bfloat16", 128)
+    dim = next(iter(splits.values()))[0].shape[1]
+    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim)
+    for split, (x, y) in splits.items():
+        writer.write(split, 0, x, y)
+    if finish:
+        writer.finish()
+    writer.close()
+    return out
+
+
+def separable(n: int, rng: np.random.Generator, k: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative 512-d features whose class shows in 8 dimensions, on top of strong noise in all."""
+    y = rng.integers(0, k, n)
+    x = np.abs(rng.normal(1.0, 1.0, (n, 512)))
+    for c in range(k):
+        x[y == c, 8 * c : 8 * c + 8] += 4.0
+    return x.astype(np.float16), y
+
+
+@pytest.fixture
+def toy_cache(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    return write_cache(tmp_path / "toy.h5", {"train": separable(1500, rng), "test": separable(500, rng)})
+
+
+@pytest.fixture(scope="module")
+def sample_cache(sample, weights_file, tmp_path_factory) -> Path:
+    """Features of 1000 + 1000 real CIFAR-10 sample images through a random-init resnet18 at 64 px."""
+    out = tmp_path_factory.mktemp("head") / "c.h5"
+    build_cache(CacheOptions(data=str(sample), dataset="cifar10", limit=1000, image_size=64, resize=73,
+                             weights=str(weights_file), loader="torch", device="cpu", out=str(out), progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_reference(sample_cache) -> tuple[float, float]:
+    train_x, train_y, test_x, test_y = load_features(sample_cache, torch.device("cpu"))[2]
+    return fit_lbfgs_reference(train_x, train_y, test_x, test_y, 10)
+
+
+def quiet(cache: Path, **kw) -> HeadOptions:
+    return HeadOptions(**{"cache": str(cache), "device": "cpu", **kw})
+
+
+def test_separable_problem_is_learned_and_lines_match_the_recipe(toy_cache):
+    lines = []
+    result = train_head(quiet(toy_cache), log=lines.append)
+    assert result.final_valid_acc == 1.0 and result.history[-1]["train_acc"] == 1.0
+    assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
+    recipe_lines = [line for line in RECIPE.read_text().splitlines() if line.startswith("Epoch ")]
+    assert recipe_lines and all(re.fullmatch(EPOCH_LINE, line) for line in recipe_lines)
+    assert len(lines) == 20 and all(re.fullmatch(EPOCH_LINE, line) for line in lines), lines[:2]
+    assert lines[0].startswith("Epoch 0. ") and lines[-1].startswith("Epoch 19. ")
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("lbfgs", 1.0)])
+def test_other_optimizers_learn_the_separable_problem_with_their_defaults(toy_cache, optimizer, lr):
+    result = train_head(quiet(toy_cache, optimizer=optimizer, batch_size=100, epochs=5), log=lambda line: None)
+    assert len(result.history) == 5 and result.final_valid_acc >= 0.99
+    assert torch.load(result.out, weights_only=True)["options"]["lr"] == lr
+
+
+def test_shuffle_is_seeded(toy_cache):
+    def losses(seed: int) -> list[float]:
+        result = train_head(quiet(toy_cache, batch_size=64, epochs=2, seed=seed), log=lambda line: None)
+        return [h["train_loss"] for h in result.history]
+
+    assert losses(0) == losses(0) != losses(1)
+
+
+def test_defaults_match_the_tuned_lbfgs_reference_on_real_features(sample_cache, sample_reference):
+    reference, l2 = sample_reference
+    assert reference > 0.2, reference  # weak random-init features, but well above chance (0.1)
+    result = train_head(quiet(sample_cache), log=lambda line: None)
+    assert abs(result.final_valid_acc - reference) <= 0.02, (result.final_valid_acc, reference, l2)
+
+
+def test_lbfgs_optimizer_is_the_reference_objective(sample_cache, sample_reference):
+    """`--optimizer lbfgs` at the reference's chosen L2 strength is the reference's refit."""
+    reference, l2 = sample_reference
+    result = train_head(quiet(sample_cache, optimizer="lbfgs", weight_decay=l2, epochs=40), log=lambda line: None)
+    assert abs(result.final_valid_acc - reference) <= 0.005, (result.final_valid_acc, reference)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] <= losses[0]
+
+
+def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
+    opts = quiet(sample_cache, out=str(tmp_path / "h.pt"), epochs=3)
+    result = train_head(opts, log=lambda line: None)
+    attrs, classes, (train_x, train_y, test_x, test_y) = load_features(sample_cache, torch.device("cpu"))
+    trained, _ = fit_head(train_x, train_y, test_x, test_y, len(classes), opts, log=lambda line: None)
+    head, loaded_classes, head_attrs = load_head(result.out)
+    with torch.no_grad():
+        logits = head(test_x)
+        assert torch.equal(logits, trained(test_x))
+        assert torch.allclose(head_as_linear(head)(test_x), logits, atol=1e-3)  # what finetune --init-head uses
+    assert (logits.argmax(1) == test_y).float().mean().item() == result.final_valid_acc
+    assert loaded_classes == classes and len(classes) == 10
+    for key in ("backbone", "weights", "weights_sha256", "image_size", "resize", "mean", "std", "feature_dim", "amp_dtype"):
+        assert head_attrs[key] == attrs[key], key
+
+
+def test_head_initialises_finetune_and_predicts_images(sample, sample_cache, weights_file, tmp_path):
+    """The head file works where fastfeat finetune --init-head and fastfeat predict use it."""
+    from fastfeat.predict import Predictor, load_classifier
+
+    result = train_head(quiet(sample_cache, out=str(tmp_path / "h.pt")), log=lambda line: None)
+    head, classes, _ = load_head(result.out)
+    same = FinetuneOptions(data=str(sample), weights=str(weights_file), image_size=64, resize=73, init_head=str(result.out))
+    model, _ = build_classifier(same, classes)
+    assert torch.allclose(model.fc.weight, head_as_linear(head).weight)
+    with pytest.raises(InputError, match="image_size"):
+        build_classifier(FinetuneOptions(**{**same.__dict__, "image_size": 224, "resize": 256}), classes)
+    predictor = Predictor(load_classifier(result.out, str(weights_file)), device="cpu")
+    accuracy, images = predictor.accuracy(str(sample), "test", loader="torch", limit=1000)
+    assert images == 1000 and abs(accuracy - result.final_valid_acc) <= 0.02, (accuracy, result.final_valid_acc)
+
+
+def test_check_head_matches_refuses_another_backbone(toy_cache, tmp_path):
+    result = train_head(quiet(toy_cache, out=str(tmp_path / "h.pt"), epochs=1), log=lambda line: None)
+    _, _, head_attrs = load_head(result.out)
+    backbone = {k: read_cache(toy_cache).attrs[k] for k in ("backbone", "weights_sha256", "image_size", "resize", "mean", "std")}
+    check_head_matches(head_attrs, {**backbone, "mean": tuple(backbone["mean"])})
+    for key, value in [("weights_sha256", "f" * 64), ("image_size", 64), ("resize", 73), ("std", [1.0, 1.0, 1.0])]:
+        with pytest.raises(InputError, match=key):
+            check_head_matches(head_attrs, {**backbone, key: value})
+
+
+def test_default_out_metrics_and_no_standardize(toy_cache):
+    result = train_head(quiet(toy_cache, epochs=2, standardize=False), log=lambda line: None)
+    assert result.out == toy_cache.with_name("toy.head.pt") and result.out.is_file()
+    metrics = json.loads(json.dumps(result.metrics()))
+    assert metrics["command"] == "train-head" and len(metrics["epochs"]) == 2 and metrics["out"] == str(result.out)
+    assert metrics["best_valid_acc"] >= metrics["final_valid_acc"] == result.history[-1]["valid_acc"]
+    assert metrics["options"]["lr"] == 0.2 and metrics["options"]["standardize"] is False
+    assert 0 < metrics["seconds"] < 30
+    saved = torch.load(result.out, weights_only=True)
+    assert saved["standardize"] is None and saved["options"]["weight_decay"] == 100 / 1500  # L2 = 100 / train rows
+    head, _, _ = load_head(result.out)
+    x, y = (torch.from_numpy(a) for a in (read_cache(toy_cache).features["test"], read_cache(toy_cache).labels["test"]))
+    assert (head(x).argmax(1) == y).float().mean().item() == result.final_valid_acc
+
+
+def test_bad_caches_fail_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {}
+    cases["missing.h5"] = "does not exist"
+    (tmp_path / "text.h5").write_text("not hdf5")
+    cases["text.h5"] = "is not an HDF5 file"
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    cases["plain.h5"] = "not a fastfeat cache"
+    write_cache(tmp_path / "partial.h5", {"train": separable(8, rng), "test": separable(8, rng)}, finish=False)
+    cases["partial.h5"] = r"does not exist \(partial.h5.partial exists"
+    write_cache(tmp_path / "unfinished.h5", {"train": separable(8, rng), "test": separable(8, rng)})
+    with h5py.File(tmp_path / "unfinished.h5", "r+") as f:
+        f.attrs["complete"] = False
+    cases["unfinished.h5"] = "incomplete cache"
+    small = [(rng.random((8, 256)).astype(np.float16), rng.integers(0, 3, 8)) for _ in range(2)]
+    write_cache(tmp_path / "dim.h5", dict(zip(("train", "test"), small)), feature_dim=256)
+    cases["dim.h5"] = "features are 256-d, expected 512"
+    write_cache(tmp_path / "notest.h5", {"train": separable(8, rng)})
+    cases["notest.h5"] = "no test/features"
+    write_cache(tmp_path / "labels.h5", {"train": separable(8, rng, k=5), "test": separable(8, rng)})
+    cases["labels.h5"] = r"labels are outside 0..2"
+    for name, message in cases.items():
+        with pytest.raises(InputError, match=message) as info:
+            train_head(quiet(tmp_path / name), log=lambda line: None)
+        assert "\n" not in str(info.value), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(optimizer="adam"), "unknown --optimizer 'adam'"),
+    (dict(epochs=0), "at least 1"),
+    (dict(lr=0.0), "--lr must be > 0"),
+    (dict(label_smoothing=1.0), "--label-smoothing"),
+    (dict(device="tpu"), "device 'tpu'"),
+])
+def test_bad_options_fail_in_one_line(toy_cache, change, message):
+    with pytest.raises(InputError, match=message):
+        train_head(quiet(toy_cache, **change), log=lambda line: None)
+
+
+def test_load_head_refuses_what_is_not_a_head(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_head(tmp_path / "none.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(InputError, match="unreadable head file"):
+        load_head(tmp_path / "garbage.pt")
+    torch.save({"format": "fastfeat-finetune", "model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(InputError, match="is not a fastfeat head"):
+        load_head(tmp_path / "ckpt.pt")
+    damaged = {"format": "fastfeat-head", "classes": ["a", "b"], "standardize": None, "cache_attrs": {},
+               "state_dict": {"weight": torch.zeros(3, 512), "bias": torch.zeros(3)}}
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(InputError, match="damaged fastfeat head"):
+        load_head(tmp_path / "damaged.pt")
+    torch.save({**damaged, "standardize": {"mean": torch.zeros(7), "std": torch.ones(7)}}, tmp_path / "stats.pt")
+    with pytest.raises(InputError, match="damaged fastfeat head"):
+        load_head(tmp_path / "stats.pt")
+
+
+def test_out_may_not_overwrite_the_cache(toy_cache):
+    with pytest.raises(InputError, match="is the cache itself"):
+        train_head(quiet(toy_cache, out=str(toy_cache)), log=lambda line: None)
+    assert read_cache(toy_cache).features["train"].shape == (1500, 512)
