@@ -2,8 +2,9 @@
 
 The original loop: torchvision PIL transforms (the recipe's fine-tune augmentation) + DataLoader
 with 2 workers + fp32 resnet18, batch 16, SGD over the whole network. fastfeat: `finetune()` with
-its batched augmentation, channels_last, bf16 autocast (or fp32). All on the same images, in one run;
-images/s counts training steps only (no validation).
+its batched augmentation, channels_last, bf16 autocast (or fp32), optionally torch.compile. All on the
+same images, in one run; images/s is steady state: training steps only (no validation), after a
+warm-up (the original: its first batch; fastfeat: a first epoch, so oneDNN/compile set-up is excluded).
 
     python benchmarks/bench_finetune.py [--images 512] [--json benchmarks/results/bench_finetune.json]
 """
@@ -55,23 +56,27 @@ def recipe_images_per_second(data: Path, n: int) -> float:
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, weight_decay=1e-3, momentum=0.9)  # the whole network
     criterion = torch.nn.CrossEntropyLoss()
     net.train()
-    start, seen = time.perf_counter(), 0
+    start, seen = None, 0
     for im, label in loader:
         loss = criterion(net(im), label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        seen += len(label)
+        if start is None:  # warm-up: worker start and the first step
+            start = time.perf_counter()
+        else:
+            seen += len(label)
     return seen / (time.perf_counter() - start)
 
 
-def fastfeat_images_per_second(data: Path, n: int, amp: bool, loader: str, batch_size: int) -> float:
+def fastfeat_images_per_second(data: Path, n: int, amp: bool, loader: str, batch_size: int, compile: bool) -> float:
+    """Training images/s of the second of two epochs."""
     with tempfile.TemporaryDirectory() as tmp:
         result = finetune(FinetuneOptions(
             data=str(data), dataset="cifar10", limit=n, weights="none", device="cpu", loader=loader, amp=amp,
-            batch_size=batch_size, epochs=1, checkpoint_dir=tmp, progress=False,
+            batch_size=batch_size, epochs=2, checkpoint_dir=tmp, progress=False, compile=compile,
         ), log=lambda line: None)
-    return result.metrics()["train_images_per_second"]
+    return result.history[-1]["train_images_per_second"]
 
 
 def main() -> None:
@@ -80,18 +85,19 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--loader", default="torch", choices=["torch", "dali"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time --amp --compile")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_finetune.json"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     rows = {"original recipe (PIL + DataLoader, fp32, batch 16)": recipe_images_per_second(args.data, args.images)}
-    rows[f"fastfeat finetune fp32 ({args.loader}, batch {args.batch_size})"] = fastfeat_images_per_second(
-        args.data, args.images, False, args.loader, args.batch_size)
-    rows[f"fastfeat finetune --amp bf16 ({args.loader}, batch {args.batch_size})"] = fastfeat_images_per_second(
-        args.data, args.images, True, args.loader, args.batch_size)
+    for amp, compile in ((False, False), (True, False), (True, True)) if args.compile else ((False, False), (True, False)):
+        name = f"fastfeat finetune {'--amp bf16' if amp else 'fp32'}{' --compile' if compile else ''} ({args.loader}, batch {args.batch_size})"
+        rows[name] = fastfeat_images_per_second(args.data, args.images, amp, args.loader, args.batch_size, compile)
+        print(f"  {name}: {rows[name]:.1f} img/s", flush=True)
     base = next(iter(rows.values()))
-    print(f"{'variant':<58} {'img/s':>8} {'vs original':>12}")
+    print(f"{'variant':<68} {'img/s':>8} {'vs original':>12}")
     for name, ips in rows.items():
-        print(f"{name:<58} {ips:8.1f} {ips / base:11.2f}x")
+        print(f"{name:<68} {ips:8.1f} {ips / base:11.2f}x")
     write_json(args.json, {
         "benchmark": "finetune", "images": args.images, "image_size": 224,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()},
