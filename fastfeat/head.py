@@ -27,7 +27,7 @@ from torch import nn
 from .backbone import FEATURE_DIM
 from .cache_file import plain_value, read_cache
 from .errors import InputError
-from .reporting import atomic_torch_save, epoch_line
+from .reporting import atomic_torch_save, epoch_line, read_torch_file
 from .runtime import resolve_device
 
 HEAD_FORMAT = "fastfeat-head"
@@ -313,13 +313,7 @@ def save_head(out: Path, head: LinearHead, classes: list[str], attrs: dict, opts
 
 def load_head(path: str | Path) -> tuple[LinearHead, list[str], dict]:
     """A saved head as (CPU module mapping raw 512-d features to logits, classes, cache attrs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"head file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"unreadable head file {path}: {str(exc).splitlines()[0]}") from None
+    state = read_torch_file(path, "head file", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise InputError(f"{path} is not a fastfeat head (made by fastfeat train-head)")
     try:

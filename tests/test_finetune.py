@@ -77,6 +77,15 @@ def test_amp_uses_bf16_autocast_on_cpu(learnable, tmp_path, amp, expected):
     assert trainer.model.layer3[0].conv1.weight.dtype == torch.float32  # master weights stay fp32
 
 
+def test_fp16_amp_uses_a_gradient_scaler(learnable, tmp_path):
+    trainer = Trainer(options(learnable, tmp_path, amp_dtype="float16"), ["dark", "bright"], 1)
+    assert trainer.dtype == torch.float16 and trainer.scaler.is_enabled()
+    before = trainer.model.layer4[1].conv2.weight.clone()
+    loss, _ = trainer.step(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]))
+    assert torch.isfinite(loss) and not torch.equal(before, trainer.model.layer4[1].conv2.weight)
+    assert trainer.state()["scaler"]["scale"] > 0
+
+
 def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path, monkeypatch):
     whole = finetune(options(learnable, tmp_path / "a", epochs=2), log=lambda line: None)
     real_step, calls = Trainer.step, {"n": 0}
