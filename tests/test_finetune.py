@@ -154,3 +154,14 @@ def test_bad_inputs_are_one_line(learnable, tmp_path, capsys):
     assert main(["finetune", "--data", str(tmp_path / "missing"), "--weights", "none", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fastfeat ") and "error:" in line for line in err), err
+
+
+def test_out_of_memory_suggests_a_smaller_batch(learnable, tmp_path, monkeypatch, capsys):
+    def oom(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "step", oom)
+    code = main(["finetune", "--data", str(learnable), "--image-size", "64", "--resize", "73", "--weights", "none",
+                 "--device", "cpu", "--loader", "torch", "--no-progress", "--checkpoint-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "smaller --batch-size" in err[0], err
