@@ -165,3 +165,16 @@ def test_out_of_memory_suggests_a_smaller_batch(learnable, tmp_path, monkeypatch
                  "--device", "cpu", "--loader", "torch", "--no-progress", "--checkpoint-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "smaller --batch-size" in err[0], err
+
+
+def test_folded_head_gives_the_heads_logits():
+    from fastfeat.finetune import head_as_linear
+    from fastfeat.head import LinearHead
+
+    torch.manual_seed(0)
+    head = LinearHead(3, mean=torch.randn(512), std=torch.rand(512) + 0.5)
+    torch.nn.init.normal_(head.fc.weight)
+    torch.nn.init.normal_(head.fc.bias)
+    x = torch.randn(8, 512)
+    expected = head.fc((x - head.mean) / head.std)  # the head's definition, written out
+    assert torch.allclose(head_as_linear(head)(x), expected, atol=1e-4)
