@@ -23,7 +23,7 @@ from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import InputError
 from .loaders import eval_batches, resolve_loader, train_batches
 from .reporting import atomic_torch_save, epoch_line, read_torch_file
-from .runtime import amp_dtype, autocast, precision_name, resolve_device
+from .runtime import amp_dtype, autocast, resolve_device
 from .sources import Split, open_dataset
 from .transforms import Augment, Preprocess
 

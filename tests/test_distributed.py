@@ -8,7 +8,6 @@ import sys
 
 import h5py
 import numpy as np
-import pytest
 
 from conftest import make_folder
 from fastfeat.cache_file import shard_path
