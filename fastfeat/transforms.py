@@ -1,6 +1,7 @@
 """Batched image transforms in torch, on the batch's device: the recipe's preprocessing, vectorised."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,17 +23,17 @@ class Preprocess:
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 NCHW -> float32 NCHW, scaled to [0, 1] then standardised per channel."""
+    """Float NCHW pixels in [0, 1] -> standardised per channel."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
+    return (images - mean_t) / std_t
 
 
 def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size)."""
     images = TF.resize(images, [pre.resize], antialias=True)
     images = TF.center_crop(images, [pre.image_size, pre.image_size])
-    return normalize(images, pre.mean, pre.std)
+    return normalize(images.float() / 255.0, pre.mean, pre.std)
 
 
 def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
@@ -66,7 +67,7 @@ def random_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float],
     """RandomResizedCrop boxes (cx, cy, w, h) as fractions of a unit square, batched: torchvision's
     rejection sampling (first of `tries` draws that fits, else the central crop)."""
     area = _uniform(n * tries, *scale, g).view(n, tries)
-    log_r = _uniform(n * tries, torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), g)
+    log_r = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), g)
     aspect = torch.exp(log_r).view(n, tries)
     w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
     fits = (w <= 1) & (h <= 1)
@@ -107,10 +108,7 @@ def augment(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Genera
     scale1, shift1 = _box_affine(first)
     grid = a * scale1[:, None, None, :] + shift1[:, None, None, :]
     out = torch.nn.functional.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = color_jitter(out * inside, aug.jitter, g)
-    mean_t = torch.tensor(pre.mean, device=out.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(pre.std, device=out.device).view(1, -1, 1, 1)
-    return (out - mean_t) / std_t
+    return normalize(color_jitter(out * inside, aug.jitter, g), pre.mean, pre.std)
 
 
 def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
