@@ -124,8 +124,9 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     start_time, images, failure = time.perf_counter(), 0, None
     try:
         shard_rows = {n: stop - start for n, (start, stop) in shards.items()}
-        if not (world.distributed and opts.resume and finished_shard(target, attrs, shard_rows, opts.dtype)):
-            images = _cache_rows(target, attrs, shards, dataset, extractor, loader, pre, opts, world)
+        shard_files = source_files(dataset, shards)
+        if not (world.distributed and opts.resume and finished_shard(target, attrs, shard_rows, opts.dtype, shard_files)):
+            images = _cache_rows(target, attrs, shards, shard_files, dataset, extractor, loader, pre, opts, world)
     except (Exception, KeyboardInterrupt) as exc:
         failure = exc
     failed_ranks = int(all_reduce_sum(torch.tensor([int(failure is not None)]), world).item())
@@ -135,18 +136,30 @@ def build_cache(opts: CacheOptions) -> CacheResult:
         raise FastfeatError(f"{failed_ranks} other rank(s) failed; fix the cause and rerun with --resume to continue")
     images = int(all_reduce_sum(torch.tensor([images]), world).item())
     if world.distributed and world.is_main:
-        _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, opts)
+        files = source_files(dataset, {name: (0, n) for name, n in rows.items()})
+        _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, files, opts)
     barrier(world)
     seconds = time.perf_counter() - start_time
     return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size if out.exists() else 0, rows, world.size)
 
 
-def _cache_rows(target: Path, attrs: dict, shards: dict[str, tuple[int, int]], dataset: Dataset,
-                extractor: FeatureExtractor, loader: str, pre: Preprocess, opts: CacheOptions, world: World) -> int:
+def source_files(dataset: Dataset, row_ranges: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """The image paths, relative to the dataset root, of each split's rows [start, stop); none for arrays."""
+    files = {}
+    for name, split in dataset.splits.items():
+        if split.files is not None:
+            start, stop = row_ranges[name]
+            files[name] = [str(Path(f).relative_to(dataset.root)) for f in split.files[start:stop]]
+    return files
+
+
+def _cache_rows(target: Path, attrs: dict, shards: dict[str, tuple[int, int]], files: dict[str, list[str]],
+                dataset: Dataset, extractor: FeatureExtractor, loader: str, pre: Preprocess, opts: CacheOptions,
+                world: World) -> int:
     """Write this rank's rows of every split into `target` (the cache, or this rank's shard)."""
     writer = CacheWriter(
         target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, FEATURE_DIM,
-        opts.dtype, opts.resume, opts.overwrite or world.distributed,
+        opts.dtype, opts.resume, opts.overwrite or world.distributed, files,
     )
     try:
         images = sum(_cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world)
@@ -173,8 +186,9 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
     return row - done
 
 
-def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], opts: CacheOptions) -> None:
-    writer = CacheWriter(out, attrs, rows, FEATURE_DIM, opts.dtype, overwrite=True)
+def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], files: dict[str, list[str]],
+                 opts: CacheOptions) -> None:
+    writer = CacheWriter(out, attrs, rows, FEATURE_DIM, opts.dtype, overwrite=True, split_files=files)
     try:
         writer.append_shards(shards)
         writer.finish()

@@ -1,7 +1,8 @@
 """Everything that touches the HDF5 feature cache.
 
 Layout: `/<split>/features` (N, 512) float16|float32 and `/<split>/labels` (N,) int64, chunked
-along rows; the root attributes describe the backbone, weights, preprocessing and dataset.
+along rows, and for image folders `/<split>/files` (N,) the rows' image paths relative to the
+dataset; the root attributes describe the backbone, weights, preprocessing and dataset.
 A cache is written as `<out>.partial`, batch by batch (each split's `rows_written` attribute
 is updated after its rows are flushed), and renamed to `<out>` with `complete=True` at the end.
 """
@@ -35,7 +36,7 @@ class CacheWriter:
     """Writes one cache: creates or resumes `<out>.partial`, renames it to `out` on `finish()`.
 
     `attrs` must describe everything that determines the rows; a resumed file must have been
-    started with the same `attrs` and split sizes.
+    started with the same `attrs`, split sizes and `split_files` (the rows' source files, if any).
     """
 
     def __init__(
@@ -47,13 +48,14 @@ class CacheWriter:
         dtype: str = "float16",
         resume: bool = False,
         overwrite: bool = False,
+        split_files: dict[str, list[str]] | None = None,
     ):
         if dtype not in FEATURE_DTYPES:
             raise InputError(f"unknown --dtype {dtype!r}: choose float16 or float32")
         self.out, self.tmp = Path(out), partial_path(Path(out))
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
-        self.attrs = file_attrs(attrs, split_rows, dtype)
+        self.attrs, self.split_files = file_attrs(attrs, split_rows, dtype), split_files or {}
         if self.tmp.exists() and resume:
             self.file = self._reopen()
         elif self.tmp.exists() and not overwrite:
@@ -76,6 +78,8 @@ class CacheWriter:
             chunk = max(1, min(n, CHUNK_ROWS))
             group.create_dataset("features", (n, feature_dim), dtype=dtype, chunks=(chunk, feature_dim))
             group.create_dataset("labels", (n,), dtype="int64", chunks=(chunk,))
+            if split in self.split_files:
+                group.create_dataset("files", data=self.split_files[split], dtype=h5py.string_dtype())
             group.attrs["rows_written"] = 0
         f.flush()
         return f
@@ -87,6 +91,7 @@ class CacheWriter:
             raise InputError(f"cannot resume {self.tmp} ({exc}): pass --overwrite to start over") from None
         try:
             _check_same_attrs(f, self.attrs)
+            _check_same_files(f, self.split_files)
         except InputError:
             f.close()
             raise
@@ -150,12 +155,22 @@ def _check_same_attrs(f: h5py.File, expected: dict) -> None:
         )
 
 
-def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: str) -> bool:
+def _check_same_files(f: h5py.File, split_files: dict[str, list[str]]) -> None:
+    for split, files in split_files.items():
+        if "files" not in f[split] or f[split]["files"].asstr()[:].tolist() != list(files):
+            raise InputError(
+                f"cannot resume {f.filename}: its {split} image files differ from the dataset's now (pass --overwrite to start over)"
+            )
+
+
+def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: str,
+                   split_files: dict[str, list[str]]) -> bool:
     """Whether `path` is a complete shard made with these settings (a resumed torchrun job keeps it)."""
     if not path.exists():
         return False
     with h5py.File(path, "r") as f:
         _check_same_attrs(f, file_attrs(attrs, split_rows, dtype))
+        _check_same_files(f, split_files)
         return bool(f.attrs.get("complete"))
 
 
@@ -172,12 +187,14 @@ def plain_value(value):
 
 @dataclass(frozen=True)
 class CacheData:
-    """A complete cache in memory: per split `features` (N, D) float32 and `labels` (N,) int64."""
+    """A complete cache in memory: per split `features` (N, D) float32 and `labels` (N,) int64, and
+    for image folders `files`, each row's image path relative to `attrs["dataset_path"]`."""
 
     path: Path
     attrs: dict
     features: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
+    files: dict[str, list[str]]
 
     @property
     def classes(self) -> list[str]:
@@ -200,14 +217,16 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), fe
             raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
-        features, labels = {}, {}
+        features, labels, files = {}, {}, {}
         for split in splits:
             if split not in f or "features" not in f[split] or "labels" not in f[split]:
                 raise InputError(f"{path} has no {split}/features and {split}/labels")
             features[split] = f[split]["features"][:].astype(np.float32)
             labels[split] = f[split]["labels"][:]
+            if "files" in f[split]:
+                files[split] = f[split]["files"].asstr()[:].tolist()
             if features[split].ndim != 2 or len(features[split]) != len(labels[split]):
                 raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
             if feature_dim is not None and features[split].shape[1] != feature_dim:
                 raise InputError(f"{path}: features are {features[split].shape[1]}-d, expected {feature_dim}")
-    return CacheData(path, attrs, features, labels)
+    return CacheData(path, attrs, features, labels, files)

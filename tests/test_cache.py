@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -32,7 +33,7 @@ def cache(data, out, **kw) -> dict:
     opts = CacheOptions(data=str(data), out=str(out), device="cpu", progress=False, **kw)
     build_cache(opts)
     c = read_cache(out, splits=tuple(opts.splits))
-    return {"attrs": c.attrs, **{f"{s}_x": torch.from_numpy(c.features[s]) for s in c.features},
+    return {"attrs": c.attrs, "files": c.files, **{f"{s}_x": torch.from_numpy(c.features[s]) for s in c.features},
             **{f"{s}_y": c.labels[s] for s in c.labels}}
 
 
@@ -99,8 +100,15 @@ def test_rows_keep_dataset_order_and_labels(sample, weights_file, tmp_path):
     np.testing.assert_array_equal(got["train_y"], labels[:1500])
     assert len(got["test_y"]) == 1000  # --limit caps each split; the test split has 1000
 
+    assert got["files"] == {}  # array rows map back by index alone
+
     folder = cache(sample / "folder", tmp_path / "f.h5", splits=("test",), loader="torch", weights="none", **SMALL)
     np.testing.assert_array_equal(folder["test_y"], np.repeat(np.arange(10), 100))
+    # Each row records its image, relative to the dataset root: sorted class, then sorted file name.
+    classes = json.loads(folder["attrs"]["classes"])
+    expected = [f"test/{c}/{name}" for c in classes for name in sorted(os.listdir(sample / "folder" / "test" / c))]
+    assert folder["files"]["test"] == expected
+    assert [classes[y] for y in folder["test_y"]] == [f.split("/")[1] for f in folder["files"]["test"]]
 
 
 def test_cache_is_self_describing(sample, weights_file, tmp_path):
@@ -153,6 +161,27 @@ def test_resume_gives_the_same_file_as_an_uninterrupted_run(sample, tmp_path, mo
     monkeypatch.setattr(CacheWriter, "write", real_write)
     with pytest.raises(InputError, match="different batch_size"):
         cache(sample, tmp_path / "other.h5", resume=True, **{**kw, "batch_size": 8})
+
+
+def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path, monkeypatch):
+    kw = dict(splits=("train",), loader="torch", weights="none", batch_size=2, image_size=32, resize=36)
+    out = tmp_path / "c.h5"
+    real_write = CacheWriter.write
+
+    def interrupted_write(self, split, start, *args):
+        if start >= 2:
+            raise KeyboardInterrupt
+        real_write(self, split, start, *args)
+
+    monkeypatch.setattr(CacheWriter, "write", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache(folder, out, **kw)
+    monkeypatch.setattr(CacheWriter, "write", real_write)
+    (folder / "train" / "cat" / "0.jpg").rename(folder / "train" / "cat" / "9.jpg")  # same count, other rows
+    with pytest.raises(InputError, match="train image files differ"):
+        cache(folder, out, resume=True, **kw)
+    (folder / "train" / "cat" / "9.jpg").rename(folder / "train" / "cat" / "0.jpg")
+    assert cache(folder, out, resume=True, **kw)["files"]["train"][0] == "train/cat/0.jpg"
 
 
 def test_existing_cache_needs_overwrite(sample, tmp_path):
