@@ -19,6 +19,7 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .errors import FastfeatError, InputError
+from .runtime import loader_workers
 from .sources import Split
 from .torch_loader import find_corrupt_file
 from .transforms import Augment, Preprocess
@@ -125,6 +126,7 @@ def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) ->
         try:
             (images,) = pipe.run()
         except Exception as exc:
+            pipe._shutdown()  # joins DALI's threads, so their log lines are out before our error line
             raise _pipeline_error(exc, split, order[start : start + (PREFETCH + 1) * batch_size]) from None
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
@@ -154,7 +156,7 @@ def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: t
         check_headers(split.files)
     pipe = pipeline(
         split, order, *args, device.type == "cuda", batch_size,
-        batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1), seed=seed,
+        batch_size=batch_size, num_threads=loader_workers(), seed=seed,
         device_id=dali_device_id(device), prefetch_queue_depth=PREFETCH,
     )
     pipe.build()

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -10,6 +11,15 @@ import torch
 from .errors import InputError
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_LOADER_WORKERS = 16
+
+
+def loader_workers() -> int:
+    """Decode workers (DataLoader processes, DALI threads): this process's share of the CPU cores it
+    may run on, split between the ranks torchrun started on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_LOADER_WORKERS, cores // ranks_here))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

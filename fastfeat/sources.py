@@ -32,7 +32,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def rows(self, start: int, stop: int) -> "Split":
+    def rows(self, start: int, stop: int) -> Split:
         """The rows [start, stop) as a split of their own."""
         return replace(
             self,

@@ -5,7 +5,6 @@ torchvision.io (the only per-image work: decoding is per image by nature).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .errors import InputError
+from .runtime import loader_workers
 from .sources import Split
 
 
@@ -51,12 +51,8 @@ class _DecodedFiles(Dataset):
         return decode_file(self.files[index]), self.files[index]
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 def uint8_batches(
-    split: Split, batch_size: int, device: torch.device, order: np.ndarray | None = None, workers: int | None = None
+    split: Split, batch_size: int, device: torch.device, order: np.ndarray | None = None
 ) -> Iterator[list[torch.Tensor] | torch.Tensor]:
     """Batches of raw images on `device`: one uint8 NCHW tensor for arrays, a list of CHW for files.
 
@@ -72,9 +68,8 @@ def uint8_batches(
             yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
         return
     files = split.files if order is None else tuple(split.files[i] for i in order)
-    workers = default_workers() if workers is None else workers
     loader = DataLoader(
-        _DecodedFiles(files), batch_size=batch_size, num_workers=workers, collate_fn=list, prefetch_factor=4 if workers else None
+        _DecodedFiles(files), batch_size=batch_size, num_workers=loader_workers(), collate_fn=list, prefetch_factor=4
     )
     for batch in loader:
         bad = next((path for img, path in batch if img is None), None)

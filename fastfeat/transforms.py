@@ -116,7 +116,7 @@ def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> t
     if strength <= 0:
         return images
     n = images.shape[0]
-    factor = lambda: _uniform(n, max(0.0, 1 - strength), 1 + strength, g).view(n, 1, 1, 1)  # noqa: E731
+    factor = lambda: _uniform(n, max(0.0, 1 - strength), 1 + strength, g).view(n, 1, 1, 1)
     gray_weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
     images = (images * factor()).clamp(0, 1)
     mean = (images * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)

@@ -8,11 +8,12 @@ import sys
 
 import h5py
 import numpy as np
-
 from conftest import make_folder
+
 from fastfeat.cache_file import shard_path
 from fastfeat.distributed import World, shard_range
 from fastfeat.finetune import epoch_order, read_checkpoint
+from fastfeat.runtime import MAX_LOADER_WORKERS, loader_workers
 
 SMALL = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--no-progress"]
 
@@ -38,6 +39,17 @@ def test_shards_are_disjoint_and_cover_every_row():
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     orders = [epoch_order(103, 5, 2, 8, World(rank, 2)) for rank in range(2)]
     assert len(orders[0]) == len(orders[1]) == 48 and not set(orders[0]) & set(orders[1])
+
+
+def test_decode_workers_split_the_cores_between_the_ranks_of_a_node(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader_workers() == MAX_LOADER_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers() == 1
 
 
 def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_path):

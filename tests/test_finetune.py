@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import MEAN, STD
+
 from fastfeat.cli import main
 from fastfeat.errors import InputError
 from fastfeat.finetune import FinetuneOptions, Trainer, finetune, read_checkpoint

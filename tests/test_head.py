@@ -14,8 +14,15 @@ from fastfeat import CacheOptions, InputError, build_cache, read_cache
 from fastfeat.cache import cache_attrs
 from fastfeat.cache_file import CacheWriter
 from fastfeat.finetune import FinetuneOptions, build_classifier, head_as_linear
-from fastfeat.head import (HeadOptions, check_head_matches, fit_head, fit_lbfgs_reference, load_features, load_head,
-                           train_head)
+from fastfeat.head import (
+    HeadOptions,
+    check_head_matches,
+    fit_head,
+    fit_lbfgs_reference,
+    load_features,
+    load_head,
+    train_head,
+)
 from fastfeat.sources import Dataset
 from fastfeat.transforms import Preprocess
 
