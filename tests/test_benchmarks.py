@@ -1,0 +1,23 @@
+"""The GPU check script, dry-run on the CPU at a tiny size, so GPU time is never spent on a broken script."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_on_cpu(sample, tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--data", str(sample),
+         "--images", "16", "--image-size", "32", "--resize", "36", "--batch-size", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["cache"]) == {"fp32", "bfloat16", "bfloat16 no-channels-last", "float16", "float16 no-channels-last"}
+    assert all(r["min_cosine_vs_fp32"] > 0.999 for name, r in report["cache"].items() if name != "fp32")
+    assert set(report["finetune"]) == {"bfloat16", "float16", "fp32"} and report["augment_only_images_per_second"] > 0
