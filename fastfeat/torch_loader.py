@@ -68,9 +68,7 @@ def uint8_batches(
             yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
         return
     files = split.files if order is None else tuple(split.files[i] for i in order)
-    loader = DataLoader(
-        _DecodedFiles(files), batch_size=batch_size, num_workers=loader_workers(), collate_fn=list, prefetch_factor=4
-    )
+    loader = DataLoader(_DecodedFiles(files), batch_size=batch_size, num_workers=loader_workers(), collate_fn=list)
     for batch in loader:
         bad = next((path for img, path in batch if img is None), None)
         if bad is not None:
