@@ -16,8 +16,10 @@ import nvidia.dali.math as dmath  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+from .distributed import is_main_process
 from .errors import FastfeatError, InputError
 from .runtime import loader_workers
 from .sources import Split
@@ -146,7 +148,10 @@ def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatE
 def check_headers(files: tuple[str, ...]) -> None:
     """Refuse files whose image header does not parse: DALI's CPU decoder can crash the process
     (not raise) on some broken files, so they must not reach it."""
-    bad = find_corrupt_file(files, full_decode=False)
+    # A bar only when the check is slow (a large folder on slow storage), on rank 0 and a terminal.
+    with tqdm(files, desc="check image headers", unit="file", delay=2, leave=False,
+              disable=None if is_main_process() else True) as shown:
+        bad = find_corrupt_file(shown, full_decode=False)
     if bad is not None:
         raise InputError(f"corrupt image: {bad}")
 

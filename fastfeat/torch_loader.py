@@ -5,7 +5,7 @@ torchvision.io (the only per-image work: decoding is per image by nature).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ def decode_file(path: str) -> torch.Tensor | None:
         return None
 
 
-def find_corrupt_file(files: tuple[str, ...], full_decode: bool = True) -> str | None:
+def find_corrupt_file(files: Iterable[str], full_decode: bool = True) -> str | None:
     """The first of `files` that PIL cannot read: fully decoded, or only its header parsed (fast).
     PIL rather than torchvision.io, whose libjpeg clashes with DALI's inside one process."""
     from PIL import Image
