@@ -333,3 +333,10 @@ def test_corrupt_image_from_the_console_is_one_line(folder, tmp_path, loader, da
     assert proc.stderr.splitlines()[-1] == f"fastfeat cache: error: corrupt image: {folder / 'train' / 'dog' / 'bad.jpg'}"
     assert proc.stderr.count("fastfeat") == 1
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_compiled_backbone_gives_the_same_features(sample, weights_file, tmp_path):
+    kw = dict(splits=("test",), limit=24, loader="torch", weights=str(weights_file), batch_size=16, image_size=32, resize=36)
+    eager = cache(sample, tmp_path / "e.h5", **kw)
+    compiled = cache(sample, tmp_path / "c.h5", compile=True, **kw)  # inductor, BatchNorm frozen into the convs
+    assert_same_features(compiled["test_x"], eager["test_x"], eager["test_x"].mean(0))

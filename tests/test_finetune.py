@@ -178,3 +178,23 @@ def test_folded_head_gives_the_heads_logits():
     x = torch.randn(8, 512)
     expected = head.fc((x - head.mean) / head.std)  # the head's definition, written out
     assert torch.allclose(head_as_linear(head)(x), expected, atol=1e-4)
+
+
+def test_compiled_training_step_matches_eager(learnable, tmp_path):
+    """One fp32 step from the same init: torch.compile computes the same loss and the same update."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1] * 4)
+    eager, compiled = (Trainer(options(learnable, tmp_path, image_size=32, resize=36, amp=False, compile=c), ["dark", "bright"], 1)
+                       for c in (False, True))
+    keys = ("conv1.weight", "layer4.1.conv2.weight", "fc.weight", "layer2.0.bn1.running_mean")
+    before = {key: eager.model.state_dict()[key].clone() for key in keys}
+    for trainer in (eager, compiled):
+        trainer.train_mode()
+    eager_loss, _ = eager.step(images, labels)
+    compiled_loss, _ = compiled.step(images, labels)
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-4)
+    for key in keys:  # the same update, which is not nothing
+        eager_delta = eager.model.state_dict()[key] - before[key]
+        compiled_delta = compiled.model.state_dict()[key] - before[key]
+        assert eager_delta.norm() > 0, key
+        assert (compiled_delta - eager_delta).norm() < 1e-2 * eager_delta.norm(), key
