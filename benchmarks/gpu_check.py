@@ -65,8 +65,8 @@ def finetune_images_per_second(args: argparse.Namespace, tmp: Path, **kw) -> flo
     with tempfile.TemporaryDirectory(dir=tmp) as ckpt:
         result = finetune(FinetuneOptions(
             data=str(args.data), dataset="cifar10", limit=args.images, weights="none", device=args.device,
-            image_size=args.image_size, resize=args.resize, loader="torch", batch_size=args.batch_size, epochs=2, checkpoint_dir=ckpt,
-            progress=False, **kw), log=print)
+            image_size=args.image_size, resize=args.resize, loader="torch", batch_size=args.batch_size, epochs=2,
+            checkpoint_dir=ckpt, progress=False, **kw), log=print)
     return result.history[-1]["train_images_per_second"]
 
 

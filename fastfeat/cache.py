@@ -140,7 +140,8 @@ def build_cache(opts: CacheOptions) -> CacheResult:
         _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, files, opts)
     barrier(world)
     seconds = time.perf_counter() - start_time
-    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), out.stat().st_size if out.exists() else 0, rows, world.size)
+    size = out.stat().st_size if out.exists() else 0
+    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), size, rows, world.size)
 
 
 def source_files(dataset: Dataset, row_ranges: dict[str, tuple[int, int]]) -> dict[str, list[str]]:

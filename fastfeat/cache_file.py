@@ -159,7 +159,8 @@ def _check_same_files(f: h5py.File, split_files: dict[str, list[str]]) -> None:
     for split, files in split_files.items():
         if "files" not in f[split] or f[split]["files"].asstr()[:].tolist() != list(files):
             raise InputError(
-                f"cannot resume {f.filename}: its {split} image files differ from the dataset's now (pass --overwrite to start over)"
+                f"cannot resume {f.filename}: its {split} image files differ from the dataset's now "
+                "(pass --overwrite to start over)"
             )
 
 

@@ -184,8 +184,8 @@ def test_compiled_training_step_matches_eager(learnable, tmp_path):
     """One fp32 step from the same init: torch.compile computes the same loss and the same update."""
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1] * 4)
-    eager, compiled = (Trainer(options(learnable, tmp_path, image_size=32, resize=36, amp=False, compile=c), ["dark", "bright"], 1)
-                       for c in (False, True))
+    eager, compiled = (Trainer(options(learnable, tmp_path, image_size=32, resize=36, amp=False, compile=c),
+                               ["dark", "bright"], 1) for c in (False, True))
     keys = ("conv1.weight", "layer4.1.conv2.weight", "fc.weight", "layer2.0.bn1.running_mean")
     before = {key: eager.model.state_dict()[key].clone() for key in keys}
     for trainer in (eager, compiled):
