@@ -128,12 +128,20 @@ def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) ->
         try:
             (images,) = pipe.run()
         except Exception as exc:
-            pipe._shutdown()  # joins DALI's threads, so their log lines are out before our error line
+            _stop(pipe)
             raise _pipeline_error(exc, split, order[start : start + (PREFETCH + 1) * batch_size]) from None
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
         feed_ndarray(dense, out, cuda_stream=stream)
         yield out[: min(batch_size, len(order) - start)]
+
+
+def _stop(pipe) -> None:
+    """Join DALI's threads (so their log lines are out before our error line) with the hook DALI
+    itself runs at exit; a DALI without it just leaves them to finish on their own."""
+    shutdown = getattr(pipe, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatError:
