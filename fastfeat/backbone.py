@@ -15,6 +15,7 @@ from .runtime import autocast
 
 FEATURE_DIM = 512
 BACKBONE = "resnet18"
+IMAGENET_ID, RANDOM_ID = "imagenet:IMAGENET1K_V1", "none:seed="  # weights ids: where the weights came from
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,23 @@ def build_resnet18(weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module,
     model = resnet18()
     model.fc = nn.Identity()
     if weights == "none":
-        weights_id = f"none:seed={seed}"
+        weights_id = f"{RANDOM_ID}{seed}"
     elif weights == "imagenet":
         model.load_state_dict(_strip_fc(_imagenet_state_dict()))
-        weights_id = "imagenet:IMAGENET1K_V1"
+        weights_id = IMAGENET_ID
     else:
         load_backbone_state(model, read_state_dict(Path(weights)), weights)
         weights_id = f"file:{Path(weights).name}"
     return model.eval(), WeightsInfo(weights_id, state_sha256(model))
+
+
+def weights_for_id(weights_id: str) -> tuple[str, int] | None:
+    """The `--weights` and `--seed` that rebuild the weights `weights_id` names (None for a file)."""
+    if weights_id == IMAGENET_ID:
+        return "imagenet", 0
+    if weights_id.startswith(RANDOM_ID):
+        return "none", int(weights_id.removeprefix(RANDOM_ID))
+    return None
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:

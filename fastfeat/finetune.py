@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import InputError
+from .head import check_head_matches, load_head
 from .loaders import eval_batches, resolve_loader, train_batches
 from .reporting import atomic_torch_save, epoch_line, read_torch_file
 from .runtime import amp_dtype, autocast, resolve_device
@@ -107,8 +108,6 @@ def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Modu
     }
     model.fc = nn.Linear(FEATURE_DIM, len(classes))
     if opts.init_head:
-        from .head import check_head_matches, load_head
-
         head, head_classes, head_attrs = load_head(opts.init_head)
         check_head_matches(head_attrs, attrs)
         if list(head_classes) != list(classes):

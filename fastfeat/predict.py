@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import FEATURE_DIM, build_resnet18
+from .backbone import FEATURE_DIM, build_resnet18, weights_for_id
 from .errors import InputError
 from .finetune import CHECKPOINT_FORMAT
+from .head import HEAD_FORMAT, load_head
 from .loaders import eval_batches, resolve_loader
 from .reporting import read_torch_file
 from .runtime import amp_dtype, autocast, resolve_device
@@ -31,12 +32,10 @@ def _backbone_for(attrs: dict, weights: str | None) -> nn.Module:
     """Rebuild the backbone a head was trained on, from its recorded weights id (or `weights`)."""
     source = attrs["weights"]
     if weights is None:
-        if source.startswith("imagenet:"):
-            weights, seed = "imagenet", 0
-        elif source.startswith("none:seed="):
-            weights, seed = "none", int(source.removeprefix("none:seed="))
-        else:
+        rebuild = weights_for_id(source)
+        if rebuild is None:
             raise InputError(f"the head was trained on {source}: pass --weights FILE with that resnet18 state dict")
+        weights, seed = rebuild
     else:
         seed = 0
     backbone, info = build_resnet18(weights, seed)
@@ -54,9 +53,7 @@ def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
         model.fc = nn.Linear(FEATURE_DIM, len(state["classes"]))
         model.load_state_dict(state["model"])
         classes, attrs = state["classes"], state["attrs"]
-    elif fmt == "fastfeat-head":
-        from .head import load_head
-
+    elif fmt == HEAD_FORMAT:
         head, classes, attrs = load_head(path)
         model = nn.Sequential(_backbone_for(attrs, weights), head)
     else:

@@ -3,29 +3,38 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write `payload` as JSON atomically (temporary file, then rename)."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path`, then rename it: a crash never leaves a truncated file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write `payload` as JSON, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
 def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def epoch_line(epoch: int, train_loss: float, train_acc: float, valid_loss: float, valid_acc: float, seconds: float) -> str:
@@ -39,17 +48,10 @@ def epoch_line(epoch: int, train_loss: float, train_acc: float, valid_loss: floa
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    """torch.save, atomically."""
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_torch_file(path: str | Path, what: str, weights_only: bool = False):

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 
-import numpy as np
 import torch
 
 from .errors import InputError
@@ -63,9 +61,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
