@@ -1,6 +1,7 @@
 """Feature-extraction throughput: the original recipe against `fastfeat cache`, on the same images.
 
-Measures images/second, in one process and on the first `--images` CIFAR-10 training images, of:
+Measures images/second, in one process and on `--images` CIFAR-10 training images (from `--data DIR`,
+or by default generated CIFAR-like images, see fastfeat.synthetic), of:
 
 - **original**: the usual transfer-learning recipe's backbone pass: a torchvision-CIFAR10-style
   dataset with PIL `Resize(256)`, `CenterCrop(224)`, `ToTensor()`, `Normalize(ImageNet)`,
@@ -23,7 +24,6 @@ It prints a table and writes it, with the parameters and machine info, to `--jso
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import tempfile
@@ -39,11 +39,12 @@ from torch import nn
 from torchvision import transforms
 
 from fastfeat.cache import CacheOptions, build_cache
+from fastfeat.loaders import dali_available
 from fastfeat.reporting import write_json
 from fastfeat.sources import open_dataset
+from fastfeat.synthetic import data_or_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-sample"
 ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 2
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -121,7 +122,8 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory holding cifar-10-batches-py/")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="directory holding cifar-10-batches-py/ (default: generate CIFAR-like images)")
     parser.add_argument("--images", type=int, default=1024, help="training images to run through every variant")
     parser.add_argument("--batch-size", type=int, default=128, help="fastfeat batch size (the original uses 64)")
     parser.add_argument("--loaders", default="dali,torch", help="comma-separated fastfeat loaders")
@@ -137,17 +139,19 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device)
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
-    if "dali" in loaders and importlib.util.find_spec("nvidia.dali") is None:
+    if "dali" in loaders and not dali_available():
         print("note: nvidia.dali is not importable, skipping the dali loader")
         loaders.remove("dali")
     with tempfile.TemporaryDirectory() as tmp:
+        data, described = data_or_sample(args.data, args.images, tmp, test_images=0)
+        print(f"data: {described}", flush=True)
         weights = Path(tmp) / "resnet18.pth"
         torch.save(torchvision.models.resnet18().state_dict(), weights)
-        rows = [measure("original (PIL + DataLoader, fp32)", original_run(args.data, weights, device),
+        rows = [measure("original (PIL + DataLoader, fp32)", original_run(data, weights, device),
                         args.images, ORIGINAL_BATCH)]
         for loader in loaders:
             for compile in (False, True) if args.compile else (False,):
-                run = fastfeat_run(args.data, weights, device, loader, args.batch_size, compile, Path(tmp) / "cache.h5")
+                run = fastfeat_run(data, weights, device, loader, args.batch_size, compile, Path(tmp) / "cache.h5")
                 name = f"fastfeat {loader} (amp" + (", compile)" if compile else ")")
                 rows.append(measure(name, run, args.images, args.batch_size))
     for row in rows:
@@ -156,7 +160,7 @@ def main() -> None:
     write_json(args.json, {
         "rows": rows,
         "parameters": {
-            "data": str(args.data), "images": args.images, "batch_size": args.batch_size,
+            "data": described, "images": args.images, "batch_size": args.batch_size,
             "original_batch_size": ORIGINAL_BATCH, "original_workers": ORIGINAL_WORKERS,
             "loaders": loaders, "compile": args.compile,
         },

@@ -64,7 +64,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (bare, or under a 'state_dict'/'model' key)."""
-    state = read_torch_file(path, "weights file", weights_only=True)
+    state = read_torch_file(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -85,10 +85,9 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise InputError(
-            f"{source} is not a resnet18 state dict: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-        )
+        counts = [f"{len(keys)} {kind} keys (e.g. {', '.join(keys[:2])})"
+                  for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise InputError(f"{source} is not a resnet18 state dict: {' and '.join(counts)}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise InputError(

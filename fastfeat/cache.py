@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .backbone import BACKBONE, FEATURE_DIM, FeatureExtractor, build_resnet18
@@ -15,6 +15,7 @@ from .cache_file import CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import eval_batches, resolve_loader
+from .reporting import progress
 from .runtime import amp_dtype, precision_name
 from .sources import Dataset, Split, open_dataset
 from .transforms import Preprocess
@@ -70,6 +71,7 @@ class CacheResult:
             "loader": self.loader,
             "device": self.device,
             "precision": self.precision,
+            "ranks": self.ranks,
             "out": str(self.out),
         }
 
@@ -79,7 +81,18 @@ def default_cache_path(dataset: Dataset) -> Path:
     return Path("data") / f"{name}-{BACKBONE}.h5"
 
 
-def cache_attrs(dataset: Dataset, pre: Preprocess, weights_id: str, sha256: str, precision: str, batch_size: int) -> dict:
+def warn_empty_classes(dataset: Dataset) -> None:
+    """A class missing from a split is worth a word, not a refusal: the cache may serve other uses,
+    and train-head refuses it when it matters."""
+    for split in dataset.splits:
+        missing = dataset.empty_classes(split)
+        if missing:
+            print(f"fastfeat cache: warning: the {split} split has no images of class {', '.join(missing)}",
+                  file=sys.stderr)
+
+
+def cache_attrs(dataset: Dataset, pre: Preprocess, weights_id: str, sha256: str, precision: str, batch_size: int,
+                limit: int | None = None, seed: int = 0) -> dict:
     """The attributes that make a cache self-describing (and decide whether a partial one can resume)."""
     return {
         "fastfeat_version": __version__,
@@ -96,6 +109,8 @@ def cache_attrs(dataset: Dataset, pre: Preprocess, weights_id: str, sha256: str,
         "dataset": dataset.kind,
         "dataset_path": str(dataset.root.resolve()),
         "classes": json.dumps(list(dataset.classes)),
+        "limit": limit or 0,  # 0: every row; else a class-balanced subset drawn with `seed`
+        "seed": seed,
     }
 
 
@@ -108,7 +123,9 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download)
+    dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download, opts.seed)
+    if world.is_main:
+        warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset)
     if out.exists() and not opts.overwrite:
         raise InputError(f"{out} already exists (pass --overwrite to replace it)")
@@ -117,7 +134,8 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
     model, info = build_resnet18(opts.weights, opts.seed)
     extractor = FeatureExtractor(model, device, dtype, opts.channels_last, opts.compile)
-    attrs = cache_attrs(dataset, pre, info.weights_id, info.sha256, precision_name(dtype), opts.batch_size)
+    attrs = cache_attrs(dataset, pre, info.weights_id, info.sha256, precision_name(dtype), opts.batch_size,
+                        opts.limit, opts.seed)
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
@@ -176,14 +194,12 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
     """Features of the rows of `split` that `writer` does not have yet; returns how many were added."""
     done = row = writer.rows_written(name)
     desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
-    bar = tqdm(total=len(split), initial=done, desc=desc, unit="img",
-               disable=not (opts.progress and world.is_main), dynamic_ncols=True)
-    for images in eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device):
-        features = extractor(images).cpu().numpy()
-        writer.write(name, row, features, split.labels[row : row + len(features)])
-        row += len(features)
-        bar.update(len(features))
-    bar.close()
+    with progress(len(split), desc, opts.progress and world.is_main, initial=done) as bar:
+        for images in eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device):
+            features = extractor(images).cpu().numpy()
+            writer.write(name, row, features, split.labels[row : row + len(features)])
+            row += len(features)
+            bar.update(len(features))
     return row - done
 
 

@@ -186,6 +186,14 @@ def plain_value(value):
     return value
 
 
+def _check_finite(path: Path, split: str, features: np.ndarray) -> None:
+    """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan."""
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        raise InputError(f"{path}: {split}/features hold nan or inf in {len(bad)} row(s), the first is row {bad[0]}; "
+                         "rebuild the cache (with --dtype float32 if float16 overflowed)")
+
+
 @dataclass(frozen=True)
 class CacheData:
     """A complete cache in memory: per split `features` (N, D) float32 and `labels` (N,) int64, and
@@ -230,4 +238,5 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), fe
                 raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
             if feature_dim is not None and features[split].shape[1] != feature_dim:
                 raise InputError(f"{path}: features are {features[split].shape[1]}-d, expected {feature_dim}")
+            _check_finite(path, split, features[split])
     return CacheData(path, attrs, features, labels, files)

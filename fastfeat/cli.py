@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (float() also accepts nan and inf, which no training can use)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _splits(text: str) -> tuple[str, ...]:
@@ -69,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--cache", default="data/cifar10-resnet18.h5", help="a fastfeat cache (default: data/cifar10-resnet18.h5)")
     th.add_argument("--epochs", type=int, default=20)
     th.add_argument("--batch-size", type=int, default=1024)
-    th.add_argument("--lr", type=float, default=None, help="default: 0.2 (sgd), 3e-3 (adamw), 1.0 (lbfgs)")
+    th.add_argument("--lr", type=finite_float, default=None, help="default: 0.2 (sgd), 3e-3 (adamw), 1.0 (lbfgs)")
     th.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "lbfgs"])
-    th.add_argument("--weight-decay", type=float, default=None,
+    th.add_argument("--weight-decay", type=finite_float, default=None,
                     help="L2 on the weight; default: 100/train rows (sgd, lbfgs), 0.5 decoupled (adamw)")
-    th.add_argument("--label-smoothing", type=float, default=0.0)
+    th.add_argument("--label-smoothing", type=finite_float, default=0.0)
     th.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                     help="standardise features with the train split's mean and std (default: on)")
     th.add_argument("--seed", type=int, default=0)
@@ -84,17 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune the whole network on augmented batches (AMP)")
     add_data_args(ft)
-    ft.add_argument("--jitter", type=float, default=0.0, help="ColorJitter strength (the recipe's ColorJitter() is 0)")
+    ft.add_argument("--jitter", type=finite_float, default=0.0, help="ColorJitter strength (the recipe's ColorJitter() is 0)")
     add_model_args(ft, batch_size=64)
     g = ft.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone lr = lr x this")
+    g.add_argument("--lr", type=finite_float, default=0.01)
+    g.add_argument("--backbone-lr-scale", type=finite_float, default=0.1, help="backbone lr = lr x this")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     g.add_argument("--schedule", default="cosine", choices=["cosine", "step", "none"])
-    g.add_argument("--warmup-epochs", type=float, default=0.5)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--warmup-epochs", type=finite_float, default=0.5)
+    g.add_argument("--weight-decay", type=finite_float, default=5e-4)
+    g.add_argument("--label-smoothing", type=finite_float, default=0.1)
     g.add_argument("--freeze", default="none", choices=["none", "stem", "layer1", "layer2", "layer3"])
     g.add_argument("--init-head", default=None, help="start from a head made by train-head on the same backbone")
     g.add_argument("--checkpoint-dir", default="data/finetune")
@@ -192,8 +204,38 @@ def run_predict(args: argparse.Namespace) -> None:
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a scheduler's stop, or torchrun stopping the other ranks after one failed."""
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def _peer_failure(exc: Exception) -> bool:
+    """A collective that broke because another torchrun rank stopped (its own error is its line)."""
+    import torch.distributed as dist
+
+    lost_peer = isinstance(exc, dist.DistError) or "closed by peer" in str(exc) or "reset by peer" in str(exc)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and lost_peer
+
+
+def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
+    """The one line and exit code for a failure the user can act on; None for a bug (traceback)."""
+    resume = "" if command in ("train-head", "predict") else "; rerun with --resume to continue"
+    if isinstance(exc, FastfeatError):
+        return f"error: {exc}", exc.exit_code
+    if isinstance(exc, Terminated):
+        return f"terminated (under torchrun: another rank failed, see its error){resume}", 143
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted{resume}", 130
+    if isinstance(exc, MemoryError):
+        return "error: out of memory; try a smaller --batch-size", 1
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, a RuntimeError subclass
+        return "error: GPU out of memory; try a smaller --batch-size", 1
+    if _peer_failure(exc):
+        return f"error: stopped because another rank failed (see its error){resume}", 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,19 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)
-    except FastfeatError as exc:
-        print(f"fastfeat {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        hint = "" if args.command in ("train-head", "predict") else "; rerun with --resume to continue"
-        print(f"fastfeat {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print(f"fastfeat {args.command}: error: out of memory; try a smaller --batch-size", file=sys.stderr)
-        return 1
-    except Exception as exc:  # torch.OutOfMemoryError is a RuntimeError subclass
-        if type(exc).__name__ == "OutOfMemoryError":
-            print(f"fastfeat {args.command}: error: GPU out of memory; try a smaller --batch-size", file=sys.stderr)
-            return 1
-        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = _failure_line(args.command, exc)
+        if failure is None:
+            raise
+        print(f"fastfeat {args.command}: {failure[0]}", file=sys.stderr)
+        return failure[1]
     return 0

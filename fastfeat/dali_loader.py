@@ -50,13 +50,15 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
-def resize_shorter(images, size: int):
+INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def resize_shorter(images, size: int, interpolation: str = "bilinear"):
     """Shorter side to `size`, longer side `int(size * long / short)`: torchvision's `Resize(size)`."""
     shape = images.shape(dtype=types.FLOAT)
     short = dmath.min(shape[0], shape[1])
-    return fn.resize(
-        images, size=fn.stack(dmath.floor(size * shape[0] / short), dmath.floor(size * shape[1] / short)), antialias=True
-    )
+    size = fn.stack(dmath.floor(size * shape[0] / short), dmath.floor(size * shape[1] / short))
+    return fn.resize(images, size=size, interp_type=INTERP_TYPES[interpolation], antialias=True)
 
 
 def _centre_offset(extent, crop: int):
@@ -86,7 +88,7 @@ def center_crop_normalize(images, pre: Preprocess):
 def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
     """The recipe's evaluation preprocessing, pixel-exact in geometry: resize, center crop, normalize."""
     images = read_images(split, order, rows_per_batch, gpu)
-    return center_crop_normalize(resize_shorter(images, pre.resize), pre)
+    return center_crop_normalize(resize_shorter(images, pre.resize, pre.interpolation), pre)
 
 
 @pipeline_def(enable_conditionals=False)

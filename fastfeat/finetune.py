@@ -6,7 +6,6 @@ backbone parameters at lr x backbone_lr_scale, the head at lr.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,15 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
-from .errors import InputError
+from .errors import FastfeatError, InputError, check_number
 from .head import check_head_matches, load_head
 from .loaders import eval_batches, resolve_loader, train_batches
-from .reporting import atomic_torch_save, epoch_line, read_torch_file
-from .runtime import amp_dtype, autocast, resolve_device
+from .reporting import atomic_torch_save, epoch_line, progress, read_torch_file
+from .runtime import amp_dtype, autocast, precision_name, resolve_device
 from .sources import Split, open_dataset
 from .transforms import Augment, Preprocess
 
@@ -69,6 +67,10 @@ class FinetuneResult:
     checkpoint: Path
     best: Path
     history: list[dict] = field(default_factory=list)
+    loader: str = ""
+    device: str = ""
+    precision: str = ""
+    ranks: int = 1
 
     @property
     def best_valid_acc(self) -> float:
@@ -86,7 +88,23 @@ class FinetuneResult:
             "seconds": round(seconds, 3),
             "checkpoint": str(self.checkpoint),
             "best": str(self.best),
+            "loader": self.loader,
+            "device": self.device,
+            "precision": self.precision,
+            "ranks": self.ranks,
         }
+
+
+def check_options(opts: FinetuneOptions) -> None:
+    """One-line InputErrors for values no training could use, before any data or model is loaded."""
+    if opts.batch_size < 1 or opts.epochs < 1:
+        raise InputError("--batch-size and --epochs must be at least 1")
+    check_number("--lr", opts.lr, low_open=True)
+    for flag, value in (("--backbone-lr-scale", opts.backbone_lr_scale), ("--weight-decay", opts.weight_decay),
+                        ("--warmup-epochs", opts.warmup_epochs), ("--jitter", opts.jitter)):
+        check_number(flag, value)
+    check_number("--label-smoothing", opts.label_smoothing, high=1.0)
+    Preprocess(resize=opts.resize, image_size=opts.image_size)  # refuses sizes no crop could have
 
 
 def _frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
@@ -211,6 +229,10 @@ class Trainer:
         self.schedule.step()
         return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
 
+    def weights_finite(self) -> bool:
+        """No nan or inf in any parameter or buffer: a diverged model is never checkpointed."""
+        return bool(torch.stack([t.isfinite().all() for t in self.model.state_dict().values() if t.is_floating_point()]).all())
+
     @torch.no_grad()
     def evaluate(self, batches, labels: torch.Tensor) -> tuple[float, float]:
         """Mean loss and accuracy over `batches` (this rank's rows), summed over all ranks."""
@@ -240,7 +262,9 @@ class Trainer:
             "classes": self.classes,
             "attrs": self.attrs,
             "options": asdict(self.opts),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            # torch's global generator only: data order and augmentation come from (seed, epoch) generators,
+            # and nothing draws from numpy's or python's; tensors and plain values load with weights_only=True
+            "rng": {"torch": torch.get_rng_state()},
         }
 
     def load_state(self, state: dict) -> None:
@@ -250,8 +274,6 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.history = state["epoch"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -275,10 +297,10 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     Under torchrun: DistributedDataParallel, each rank on a disjoint share of every epoch's shuffle;
     losses and accuracies are summed over ranks; only rank 0 logs and writes checkpoints.
     """
-    if opts.batch_size < 1 or opts.epochs < 1:
-        raise InputError("--batch-size and --epochs must be at least 1")
+    check_options(opts)
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download)
+    dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download, opts.seed)
+    dataset.require_every_class()
     loader = resolve_loader(opts.loader)
     pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
     aug = Augment(jitter=opts.jitter)
@@ -290,12 +312,17 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
         raise InputError(f"{last} exists: pass --resume to continue that run, or choose another --checkpoint-dir")
     if opts.resume and last.exists():
         _resume(trainer, last)
+    elif opts.resume and world.is_main:
+        log(f"fastfeat finetune: no checkpoint at {last} to resume: starting a new run")
     test_labels = torch.from_numpy(test.labels).to(device)
     while trainer.epoch < opts.epochs:
         start = time.perf_counter()
         train_loss, train_acc, images, train_seconds = _train_epoch(trainer, train, loader, pre, aug)
         valid_loss, valid_acc = trainer.evaluate(eval_batches(test, loader, pre, opts.batch_size, device), test_labels)
         seconds = time.perf_counter() - start
+        if not (math.isfinite(valid_loss) and trainer.weights_finite()):
+            raise FastfeatError(f"training diverged in epoch {trainer.epoch} (valid loss {valid_loss}); nothing was saved "
+                                f"for it: lower --lr (now {opts.lr})")
         record = {
             "epoch": trainer.epoch, "train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss,
             "valid_acc": valid_acc, "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3),
@@ -311,7 +338,7 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
             if is_best:
                 atomic_torch_save(state, best)
         barrier(world)
-    return FinetuneResult(last, best, trainer.history)
+    return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size)
 
 
 def _train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, aug: Augment) -> tuple[float, float, int, float]:
@@ -324,14 +351,12 @@ def _train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, a
     trainer.train_mode()
     totals = torch.zeros(2, device=device)  # loss sum, correct
     row, start = 0, time.perf_counter()
-    bar = tqdm(total=len(order) * world.size, desc=f"finetune epoch {trainer.epoch}", unit="img",
-               disable=not (opts.progress and world.is_main), dynamic_ncols=True)
-    for images in batches:
-        loss, hits = trainer.step(images, labels[row : row + len(images)])
-        totals += torch.stack([loss, hits.float()])
-        row += len(images)
-        bar.update(len(images) * world.size)
-    bar.close()
+    with progress(len(order) * world.size, f"finetune epoch {trainer.epoch}", opts.progress and world.is_main) as bar:
+        for images in batches:
+            loss, hits = trainer.step(images, labels[row : row + len(images)])
+            totals += torch.stack([loss, hits.float()])
+            row += len(images)
+            bar.update(len(images) * world.size)
     seconds = time.perf_counter() - start
     loss_sum, correct, rows = all_reduce_sum(torch.cat([totals.double().cpu(), torch.tensor([row], dtype=torch.float64)]), world).tolist()
     return loss_sum / max(rows, 1), correct / max(rows, 1), int(rows), seconds

@@ -20,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import FEATURE_DIM
 from .cache_file import plain_value, read_cache
-from .errors import InputError
+from .errors import FastfeatError, InputError, check_number
 from .reporting import atomic_torch_save, epoch_line, read_torch_file
 from .runtime import resolve_device
 
@@ -120,6 +121,9 @@ def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
         train_loss, train_acc = run_epoch()
         valid_loss, valid_acc = evaluate(head, test_x, test_y)
         seconds = time.perf_counter() - epoch_start
+        if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
+            raise FastfeatError(f"the head diverged in epoch {epoch} (train loss {train_loss}); nothing was saved: "
+                                f"lower --lr (now {opts.lr})")
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                         "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": round(seconds, 4)})
         log(epoch_line(epoch, train_loss, train_acc, valid_loss, valid_acc, seconds))
@@ -132,10 +136,11 @@ def check_options(opts: HeadOptions) -> None:
         raise InputError(f"unknown --optimizer {opts.optimizer!r}: choose sgd, adamw or lbfgs")
     if opts.epochs < 1 or opts.batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
-    if (opts.lr is not None and not opts.lr > 0) or (opts.weight_decay is not None and not opts.weight_decay >= 0):
-        raise InputError(f"--lr must be > 0 and --weight-decay >= 0, got {opts.lr} and {opts.weight_decay}")
-    if not 0 <= opts.label_smoothing < 1:
-        raise InputError(f"--label-smoothing must be in [0, 1), got {opts.label_smoothing}")
+    if opts.lr is not None:
+        check_number("--lr", opts.lr, low_open=True)
+    if opts.weight_decay is not None:
+        check_number("--weight-decay", opts.weight_decay)
+    check_number("--label-smoothing", opts.label_smoothing, high=1.0)
 
 
 def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
@@ -157,6 +162,9 @@ def load_features(path: str | Path, device: torch.device) -> tuple[dict, list[st
             raise InputError(f"{path}: the {split} split is empty")
         if labels.min() < 0 or labels.max() >= len(classes):
             raise InputError(f"{path}: {split} labels are outside 0..{len(classes) - 1} ({len(classes)} classes)")
+        missing = [name for name, count in zip(classes, np.bincount(labels, minlength=len(classes))) if count == 0]
+        if missing:
+            raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")
     tensors = [torch.from_numpy(a).to(device) for s in ("train", "test") for a in (cache.features[s], cache.labels[s])]
     return cache.attrs, classes, tensors
 
@@ -313,7 +321,7 @@ def save_head(out: Path, head: LinearHead, classes: list[str], attrs: dict, opts
 
 def load_head(path: str | Path) -> tuple[LinearHead, list[str], dict]:
     """A saved head as (CPU module mapping raw 512-d features to logits, classes, cache attrs)."""
-    state = read_torch_file(path, "head file", weights_only=True)
+    state = read_torch_file(path, "head file")
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise InputError(f"{path} is not a fastfeat head (made by fastfeat train-head)")
     try:

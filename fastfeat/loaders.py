@@ -15,7 +15,12 @@ LOADERS = ("auto", "dali", "torch")
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    """Whether nvidia-dali is installed, without importing it. `find_spec("nvidia.dali")` imports the
+    parent `nvidia` package, so it raises where none exists (CPU-only torch wheels, macOS)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # ModuleNotFoundError: no `nvidia` package at all
+        return False
 
 
 def resolve_loader(name: str = "auto") -> str:

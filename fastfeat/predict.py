@@ -49,6 +49,8 @@ def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
     state = read_torch_file(path, "model file")
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == CHECKPOINT_FORMAT:
+        if weights is not None:
+            raise InputError(f"--weights applies to heads only: the checkpoint {path} holds its own backbone weights")
         model, _ = build_resnet18("none")
         model.fc = nn.Linear(FEATURE_DIM, len(state["classes"]))
         model.load_state_dict(state["model"])

@@ -1,12 +1,48 @@
 """What the user reads: one-line summaries and machine-readable metrics files."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import re
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InputError
+from tqdm import tqdm
+
+from .errors import InputError, refused_pickle
+
+LOG_PROGRESS_SECONDS = 60.0  # how often progress is written when stderr is a log file, not a terminal
+LOG_PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %), {elapsed} elapsed, {rate_fmt}"
+
+
+class _Lines(io.TextIOBase):
+    """tqdm's output for a log file: each refresh as a line of its own, without carriage returns."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "img") -> tqdm:
+    """A live bar on a terminal; in a log file, a plain line at the start, every minute and at the end.
+    Use it as a context manager, so a failure closes the bar before the error line is printed."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=_Lines(sys.stderr),
+                mininterval=LOG_PROGRESS_SECONDS, bar_format=LOG_PROGRESS_FORMAT)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -54,14 +90,25 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def read_torch_file(path: str | Path, what: str, weights_only: bool = False):
-    """torch.load on the CPU, or a one-line InputError naming `what` (e.g. "checkpoint")."""
+def read_torch_file(path: str | Path, what: str):
+    """torch.load on the CPU with weights_only=True (tensors and plain values only: a crafted file
+    cannot run code), or a one-line InputError naming `what` (e.g. "checkpoint")."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():  # a plain (not torch.save) pickle's protocol warning is no second line
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"unreadable {what} {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in reason:
+            culprit = re.search(r"GLOBAL (\S+)", reason)  # the function or class the file would call
+            if culprit:
+                raise refused_pickle(what, path, "tensors and plain values", culprit[1]) from None
+            # torch's text advises weights_only=False: show only the cause (e.g. an unsupported opcode)
+            cause = re.search(r"WeightsUnpickler error:\s*(.+)", reason)
+            reason = cause[1] if cause else "not a file torch.save wrote"
+        raise InputError(f"unreadable {what} {path}: {reason.splitlines()[0] if reason else type(exc).__name__}") from None

@@ -6,13 +6,14 @@ every cached row maps back to its source image.
 """
 from __future__ import annotations
 
+import bisect
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, refused_pickle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR_DIR = "cifar-10-batches-py"
@@ -34,12 +35,13 @@ class Split:
 
     def rows(self, start: int, stop: int) -> Split:
         """The rows [start, stop) as a split of their own."""
-        return replace(
-            self,
-            labels=self.labels[start:stop],
-            images=None if self.images is None else self.images[start:stop],
-            files=None if self.files is None else self.files[start:stop],
-        )
+        return self.take(slice(start, stop))
+
+    def take(self, rows: slice | np.ndarray) -> Split:
+        """The rows `rows` (a slice or an index array) as a split of their own."""
+        files = None if self.files is None else tuple(np.asarray(self.files, dtype=object)[rows])
+        return replace(self, labels=self.labels[rows], images=None if self.images is None else self.images[rows],
+                       files=files)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,18 @@ class Dataset:
     classes: tuple[str, ...]
     splits: dict[str, Split]
 
+    def empty_classes(self, split: str) -> list[str]:
+        """The classes with no row in `split`: a head or a fine-tune could never learn them."""
+        counts = np.bincount(self.splits[split].labels, minlength=len(self.classes))
+        return [name for name, count in zip(self.classes, counts) if count == 0]
+
+    def require_every_class(self) -> None:
+        """Refuse to train when a split lacks a class (an empty class folder, a subset that missed one)."""
+        for split in self.splits:
+            missing = self.empty_classes(split)
+            if missing:
+                raise InputError(f"{self.root}: the {split} split has no images of class {', '.join(missing)}")
+
 
 def open_dataset(
     root: str | Path,
@@ -56,8 +70,10 @@ def open_dataset(
     splits: tuple[str, ...] = ("train", "test"),
     limit: int | None = None,
     download: bool = False,
+    seed: int = 0,
 ) -> Dataset:
-    """Open `root` as CIFAR-10 (`root/cifar-10-batches-py`) or an image folder tree."""
+    """Open `root` as CIFAR-10 (`root/cifar-10-batches-py`) or an image folder tree; `limit` keeps
+    a class-balanced subset of at most that many rows per split (see `balanced_rows`)."""
     root = Path(root)
     unknown = set(splits) - set(CIFAR_FILES)
     if unknown or not splits:
@@ -80,8 +96,30 @@ def open_dataset(
     else:
         raise InputError(f"unknown dataset kind {kind!r}: choose auto, cifar10 or folder")
     if limit is not None:
-        dataset = replace(dataset, splits={n: s.rows(0, limit) for n, s in dataset.splits.items()})
+        if limit < len(dataset.classes):
+            raise InputError(f"--limit {limit} is smaller than the {len(dataset.classes)} classes: "
+                             "a subset must hold every class")
+        subsets = {n: s.take(balanced_rows(s.labels, limit, seed)) for n, s in dataset.splits.items()}
+        dataset = replace(dataset, splits=subsets)
     return dataset
+
+
+def balanced_rows(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """Indices of at most `limit` rows, as many of each class as possible (a class short of rows
+    leaves its share to the others; `seed` draws which classes take the remainder and which rows
+    of each class), sorted: the subset keeps the dataset's order, whatever order the classes come in."""
+    counts = np.bincount(labels)
+    rng = np.random.default_rng(seed)
+    budget = min(limit, len(labels))
+    # the largest per-class share that fits: sum(min(counts, level)) <= budget
+    level = bisect.bisect_right(range(counts.max() + 1), budget, key=lambda share: np.minimum(counts, share).sum()) - 1
+    quota = np.minimum(counts, level)
+    open_classes = np.flatnonzero(counts > level)
+    quota[rng.permutation(open_classes)[: budget - quota.sum()]] += 1
+    shuffled = rng.permutation(len(labels))
+    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]  # each class's rows in a seeded order
+    rank = np.arange(len(labels)) - np.searchsorted(labels[by_class], labels[by_class])
+    return np.sort(by_class[rank < quota[labels[by_class]]])
 
 
 def detect_kind(root: Path) -> str:
@@ -113,21 +151,52 @@ def download_cifar10(root: Path) -> None:
         ) from None
 
 
+# What the official batches (python 2 pickles), and numpy arrays pickled by python 3 with any protocol,
+# need to rebuild: numpy arrays and dtypes, and latin-1 bytes for protocol 2. Nothing that runs code.
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global outside CIFAR_PICKLE_GLOBALS; the message is its name."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler limited to CIFAR_PICKLE_GLOBALS: a plain pickle.load of a crafted batch file
+    would call whatever function it names."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise InputError(f"missing CIFAR-10 file {path}") from None
+    except _RefusedGlobal as exc:
+        raise refused_pickle("CIFAR-10 file", path, "numpy arrays and plain values", str(exc)) from None
     except Exception as exc:
         raise InputError(f"unreadable CIFAR-10 file {path}: {exc}") from None
+    if not isinstance(batch, dict):
+        raise InputError(f"{path} is not a CIFAR-10 python batch (a dict)")
+    return batch
 
 
 def read_cifar10(root: Path, splits: tuple[str, ...]) -> Dataset:
     """Read the official pickles straight into (N, 32, 32, 3) uint8 arrays, in batch-file order."""
     base = root / CIFAR_DIR
     meta = _unpickle(base / "batches.meta")
-    classes = tuple(name.decode() for name in meta[b"label_names"])
+    try:
+        classes = tuple(name.decode() for name in meta[b"label_names"])
+    except (KeyError, AttributeError, TypeError):
+        raise InputError(f"{base / 'batches.meta'} has no CIFAR-10 class names (b'label_names')") from None
     out = {}
     for split in splits:
         batches = [_unpickle(base / name) for name in CIFAR_FILES[split]]

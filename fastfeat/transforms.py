@@ -7,19 +7,33 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from .errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to `resize`, center-crop `image_size`, normalize: torchvision's
-    `Resize(256)`, `CenterCrop(224)`, `ToTensor()`, `Normalize(mean, std)`."""
+    """Resize the shorter side to `resize` (bilinear or bicubic, antialiased), center-crop `image_size`,
+    normalize: torchvision's `Resize(256)`, `CenterCrop(224)`, `ToTensor()`, `Normalize(mean, std)`,
+    the preset that torchvision's weights carry as `weights.transforms()`."""
 
     resize: int = 256
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(f"unknown --interpolation {self.interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
+        if self.image_size < 1 or self.resize < 1:
+            raise InputError(f"--image-size and --resize must be at least 1, got {self.image_size} and {self.resize}")
+        if self.image_size > self.resize:
+            raise InputError(f"--image-size {self.image_size} is larger than --resize {self.resize}: "
+                             "the center crop must fit inside the resized image")
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -31,7 +45,7 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size)."""
-    images = TF.resize(images, [pre.resize], antialias=True)
+    images = TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation), antialias=True)
     images = TF.center_crop(images, [pre.image_size, pre.image_size])
     return normalize(images.float() / 255.0, pre.mean, pre.std)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 sample, a resnet18 weights file, small image folders."""
+"""Shared fixtures: a generated CIFAR-10-like sample (and the real one where present), a resnet18
+weights file, small image folders."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +10,29 @@ import torch
 import torchvision
 from PIL import Image
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
+from fastfeat.synthetic import write_sample
+
+REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# The generated sample: 1,000 train and 500 test images (every fourth file a PNG), small enough to
+# run every test on all of it in seconds on 2 cores.
+SAMPLE_TRAIN_PER_CLASS, SAMPLE_TEST_PER_CLASS = 100, 50
 
 
 @pytest.fixture(scope="session")
-def sample() -> Path:
-    if not (SAMPLE / "cifar-10-batches-py").is_dir():
-        pytest.fail(f"the CIFAR-10 sample is missing at {SAMPLE}")
-    return SAMPLE
+def sample(tmp_path_factory) -> Path:
+    """A generated CIFAR-10 sample laid out like the real one: `cifar-10-batches-py/` and `folder/`
+    holding the same images (see fastfeat.synthetic), so the suite runs on a fresh clone."""
+    return write_sample(tmp_path_factory.mktemp("sample"), SAMPLE_TRAIN_PER_CLASS, SAMPLE_TEST_PER_CLASS,
+                        formats=("jpg", "jpg", "jpg", "png"))
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    """The real CIFAR-10 sample (5,000 train and 1,000 test images) next to the repository, if there."""
+    if not (REAL_SAMPLE / "cifar-10-batches-py").is_dir() or not (REAL_SAMPLE / "folder").is_dir():
+        pytest.skip(f"the real CIFAR-10 sample is not at {REAL_SAMPLE} (only the generated one is used)")
+    return REAL_SAMPLE
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run_on_cpu(sample, tmp_path):
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """With no --data, as on a fresh clone: the script generates its images."""
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--data", str(sample),
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
          "--images", "16", "--image-size", "32", "--resize", "36", "--batch-size", "8", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["data"] == "generated: 30 CIFAR-like images (20 train, 10 test)", report["data"]
     assert set(report["cache"]) == {"fp32", "bfloat16", "bfloat16 no-channels-last", "float16", "float16 no-channels-last"}
     assert all(r["min_cosine_vs_fp32"] > 0.999 for name, r in report["cache"].items() if name != "fp32")
     assert set(report["finetune"]) == {"bfloat16", "float16", "fp32"} and report["augment_only_images_per_second"] > 0

@@ -59,51 +59,65 @@ def assert_same_features(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor,
     assert (cross.argmax(dim=1) == torch.arange(len(a))).all()
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("layout", ["cifar10", "folder"])
-def test_224_features_match_the_recipe_reference(sample, weights_file, tmp_path, loader, layout):
-    n = 24
-    data = sample if layout == "cifar10" else sample / "folder"
+def check_224_features(data, weights_file, tmp_path, loader: str, n: int = 24) -> None:
+    """`n` test images of `data` cached at 224 px give the recipe's PIL + fp32 features."""
     got = cache(data, tmp_path / "c.h5", splits=("test",), limit=n, loader=loader, weights=str(weights_file))
     split = open_dataset(data, splits=("test",), limit=n).splits["test"]
     images = ([Image.fromarray(a) for a in split.images] if split.images is not None
               else [Image.open(f).convert("RGB") for f in split.files])
     ref = reference_features(images, weights_file)
     assert got["test_x"].shape == (n, 512)
+    np.testing.assert_array_equal(got["test_y"], split.labels)
     assert_same_features(got["test_x"], ref, ref.mean(0))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("layout", ["cifar10", "folder"])
+def test_224_features_match_the_recipe_reference(sample, weights_file, tmp_path, loader, layout):
+    check_224_features(sample if layout == "cifar10" else sample / "folder", weights_file, tmp_path, loader)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("layout", ["cifar10", "folder"])
+def test_224_features_match_the_recipe_reference_on_real_images(real_sample, weights_file, tmp_path, loader, layout):
+    check_224_features(real_sample if layout == "cifar10" else real_sample / "folder", weights_file, tmp_path, loader)
 
 
 def test_loaders_agree_and_folder_rows_map_to_pickle_rows(sample, weights_file, tmp_path):
     if not dali_available():
         pytest.skip("nvidia-dali not installed")
-    kw = dict(splits=("train",), limit=600, weights=str(weights_file), **SMALL)
+    kw = dict(splits=("train",), weights=str(weights_file), **SMALL)  # all 1,000 train images
     dali = cache(sample, tmp_path / "d.h5", loader="dali", **kw)
     torch_ = cache(sample, tmp_path / "t.h5", loader="torch", **kw)
     assert_same_features(dali["train_x"], torch_["train_x"], torch_["train_x"].mean(0))
 
     # The folder tree holds the same images as the pickles: row i of the folder cache is the
     # file folder.files[i]; the pickle's `filenames` says which pickle row holds that image.
-    folder = cache(sample / "folder", tmp_path / "f.h5", loader="torch", **{**kw, "limit": None})
+    folder = cache(sample / "folder", tmp_path / "f.h5", loader="torch", **kw)
     files = open_dataset(sample / "folder", splits=("train",)).splits["train"].files
     row_of_name = {name.split("/")[-1]: i for i, name in enumerate(files)}
     names = [n.decode() for b in range(1, 6)
              for n in pickle.load(open(sample / "cifar-10-batches-py" / f"data_batch_{b}", "rb"), encoding="bytes")[b"filenames"]]
-    rows = [row_of_name[n] for n in names[:600]]
+    rows = [row_of_name[n] for n in names]
+    assert sorted(rows) == list(range(len(files))) and rows != sorted(rows)  # a shuffle of every file
     np.testing.assert_array_equal(folder["train_y"][rows], torch_["train_y"])
     assert_same_features(folder["train_x"][rows], torch_["train_x"], torch_["train_x"].mean(0), cos_min=0.995)
 
 
 def test_rows_keep_dataset_order_and_labels(sample, weights_file, tmp_path):
-    got = cache(sample, tmp_path / "c.h5", limit=1500, loader="torch", weights="none", **SMALL)
-    labels = np.concatenate([pickle.load(open(sample / "cifar-10-batches-py" / f"data_batch_{b}", "rb"), encoding="bytes")[b"labels"]
-                             for b in (1, 2)])
-    np.testing.assert_array_equal(got["train_y"], labels[:1500])
-    assert len(got["test_y"]) == 1000  # --limit caps each split; the test split has 1000
+    got = cache(sample, tmp_path / "c.h5", limit=700, loader="torch", weights="none", **SMALL)
+    # --limit caps each split: 700 of the 1,000 train rows (the rows open_dataset picks), and the
+    # whole 500-row test split, in the pickle's order.
+    np.testing.assert_array_equal(got["train_y"], open_dataset(sample, splits=("train",), limit=700).splits["train"].labels)
+    assert len(got["train_y"]) == 700
+    test_labels = pickle.load(open(sample / "cifar-10-batches-py" / "test_batch", "rb"), encoding="bytes")[b"labels"]
+    np.testing.assert_array_equal(got["test_y"], test_labels)
+    assert len(got["test_y"]) == 500
 
     assert got["files"] == {}  # array rows map back by index alone
 
     folder = cache(sample / "folder", tmp_path / "f.h5", splits=("test",), loader="torch", weights="none", **SMALL)
-    np.testing.assert_array_equal(folder["test_y"], np.repeat(np.arange(10), 100))
+    np.testing.assert_array_equal(folder["test_y"], np.repeat(np.arange(10), 50))
     # Each row records its image, relative to the dataset root: sorted class, then sorted file name.
     classes = json.loads(folder["attrs"]["classes"])
     expected = [f"test/{c}/{name}" for c in classes for name in sorted(os.listdir(sample / "folder" / "test" / c))]
@@ -185,7 +199,7 @@ def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path, monkeypat
 
 
 def test_existing_cache_needs_overwrite(sample, tmp_path):
-    kw = dict(splits=("test",), limit=8, loader="torch", weights="none", **SMALL)
+    kw = dict(splits=("test",), limit=10, loader="torch", weights="none", **SMALL)
     first = cache(sample, tmp_path / "c.h5", **kw)
     with pytest.raises(InputError, match="already exists"):
         cache(sample, tmp_path / "c.h5", **kw)
@@ -311,7 +325,7 @@ def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "cached 40 images" in proc.stdout and "img/s" in proc.stderr  # summary + tqdm bars
     m = json.loads(metrics.read_text())
-    assert set(m) == {"command", "images", "seconds", "images_per_second", "loader", "device", "precision", "out"}
+    assert set(m) == {"command", "images", "seconds", "images_per_second", "loader", "device", "precision", "ranks", "out"}
     assert m["images"] == 40 and m["out"] == str(out) and m["precision"] == "bfloat16" and m["device"] == "cpu"
 
 

@@ -28,7 +28,7 @@ def options(data, tmp_path, **kw) -> FinetuneOptions:
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_train_batches_are_shaped_normalised_and_random_per_sample(sample, loader):
-    one = open_dataset(sample, splits=("train",), limit=1).splits["train"].images
+    one = open_dataset(sample, splits=("train",)).splits["train"].images[:1]
     split = Split("train", np.zeros(16, dtype=np.int64), images=np.repeat(one, 16, axis=0))
     order = np.arange(16)
     first = torch.cat(list(train_batches(split, loader, PRE, Augment(jitter=0.4), 8, torch.device("cpu"), order, seed=1)))
