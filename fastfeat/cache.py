@@ -10,40 +10,26 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backbone import BACKBONE, FEATURE_DIM, FeatureExtractor, build_resnet18
-from .cache_file import CacheWriter, finished_shard, shard_path
+from .backbone import FeatureExtractor
+from .cache_file import FEATURE_DTYPES, CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import eval_batches, resolve_loader
 from .reporting import progress
+from .options import BackboneOptions, DataOptions, RunOptions, option
 from .runtime import amp_dtype, precision_name
 from .sources import Dataset, Split, open_dataset
+from .spec import FeatureSpec
 from .transforms import Preprocess
 
 
 @dataclass
-class CacheOptions:
-    data: str = "data"
-    out: str | None = None
-    dataset: str = "auto"
-    splits: tuple[str, ...] = ("train", "test")
-    limit: int | None = None
-    download: bool = False
-    loader: str = "auto"
-    resize: int = 256
-    image_size: int = 224
-    weights: str = "imagenet"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    amp_dtype: str | None = None
-    channels_last: bool = True
-    compile: bool = False
-    batch_size: int = 128
-    dtype: str = "float16"
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+class CacheOptions(RunOptions, BackboneOptions, DataOptions):
+    splits: tuple[str, ...] = option(("train", "test"), "comma-separated splits to cache", group="data")
+    out: str | None = option(None, "cache file (default: data/<dataset>-<arch>.h5)", group="output")
+    dtype: str = option("float16", "stored feature dtype", choices=FEATURE_DTYPES, group="output")
+    resume: bool = option(False, "continue an interrupted run", group="output")
+    overwrite: bool = option(False, "replace an existing cache", group="output")
 
 
 @dataclass
@@ -76,9 +62,10 @@ class CacheResult:
         }
 
 
-def default_cache_path(dataset: Dataset) -> Path:
+def default_cache_path(dataset: Dataset, arch: str) -> Path:
+    """data/<dataset>-<arch>.h5: caches of several backbones side by side."""
     name = "cifar10" if dataset.kind == "cifar10" else dataset.root.resolve().name
-    return Path("data") / f"{name}-{BACKBONE}.h5"
+    return Path("data") / f"{name}-{arch.replace(':', '-')}.h5"
 
 
 def warn_empty_classes(dataset: Dataset) -> None:
@@ -91,20 +78,11 @@ def warn_empty_classes(dataset: Dataset) -> None:
                   file=sys.stderr)
 
 
-def cache_attrs(dataset: Dataset, pre: Preprocess, weights_id: str, sha256: str, precision: str, batch_size: int,
-                limit: int | None = None, seed: int = 0) -> dict:
+def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int | None = None, seed: int = 0) -> dict:
     """The attributes that make a cache self-describing (and decide whether a partial one can resume)."""
     return {
         "fastfeat_version": __version__,
-        "backbone": BACKBONE,
-        "feature_dim": FEATURE_DIM,
-        "weights": weights_id,
-        "weights_sha256": sha256,
-        "image_size": pre.image_size,
-        "resize": pre.resize,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "amp_dtype": precision,
+        **spec.to_attrs(),
         "batch_size": batch_size,
         "dataset": dataset.kind,
         "dataset_path": str(dataset.root.resolve()),
@@ -126,16 +104,15 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download, opts.seed)
     if world.is_main:
         warn_empty_classes(dataset)
-    out = Path(opts.out) if opts.out else default_cache_path(dataset)
+    out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)
     if out.exists() and not opts.overwrite:
         raise InputError(f"{out} already exists (pass --overwrite to replace it)")
     loader = resolve_loader(opts.loader)
     dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
-    pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
-    model, info = build_resnet18(opts.weights, opts.seed)
-    extractor = FeatureExtractor(model, device, dtype, opts.channels_last, opts.compile)
-    attrs = cache_attrs(dataset, pre, info.weights_id, info.sha256, precision_name(dtype), opts.batch_size,
-                        opts.limit, opts.seed)
+    backbone = opts.build()
+    spec, pre = backbone.spec.with_precision(precision_name(dtype)), backbone.spec.pre
+    extractor = FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
+    attrs = cache_attrs(dataset, spec, opts.batch_size, opts.limit, opts.seed)
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
@@ -177,7 +154,7 @@ def _cache_rows(target: Path, attrs: dict, shards: dict[str, tuple[int, int]], f
                 world: World) -> int:
     """Write this rank's rows of every split into `target` (the cache, or this rank's shard)."""
     writer = CacheWriter(
-        target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, FEATURE_DIM,
+        target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, attrs["feature_dim"],
         opts.dtype, opts.resume, opts.overwrite or world.distributed, files,
     )
     try:
@@ -205,7 +182,7 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
 
 def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], files: dict[str, list[str]],
                  opts: CacheOptions) -> None:
-    writer = CacheWriter(out, attrs, rows, FEATURE_DIM, opts.dtype, overwrite=True, split_files=files)
+    writer = CacheWriter(out, attrs, rows, attrs["feature_dim"], opts.dtype, overwrite=True, split_files=files)
     try:
         writer.append_shards(shards)
         writer.finish()

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from .errors import FastfeatError, InputError
+from .spec import plain
 
 CHUNK_ROWS = 1024
 FEATURE_DTYPES = ("float16", "float32")
@@ -148,7 +149,7 @@ def file_attrs(attrs: dict, split_rows: dict[str, int], dtype: str) -> dict:
 
 
 def _check_same_attrs(f: h5py.File, expected: dict) -> None:
-    changed = sorted(k for k, v in expected.items() if plain_value(f.attrs.get(k)) != plain_value(v))
+    changed = sorted(k for k, v in expected.items() if plain(f.attrs.get(k)) != plain(v))
     if changed:
         raise InputError(
             f"cannot resume {f.filename}: it was made with different {', '.join(changed)} (pass --overwrite to start over)"
@@ -175,17 +176,6 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
         return bool(f.attrs.get("complete"))
 
 
-def plain_value(value):
-    """HDF5 attributes come back as numpy scalars/arrays: compare them as plain Python values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return list(value)
-    return value
-
-
 def _check_finite(path: Path, split: str, features: np.ndarray) -> None:
     """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan."""
     bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
@@ -210,7 +200,7 @@ class CacheData:
         return json.loads(self.attrs["classes"])
 
 
-def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), feature_dim: int | None = None) -> CacheData:
+def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> CacheData:
     """Load a complete fastfeat cache, or fail in one line saying what is wrong with it."""
     path = Path(path)
     if not path.is_file():
@@ -221,7 +211,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), fe
     except OSError:
         raise InputError(f"{path} is not an HDF5 file") from None
     with f:
-        attrs = {key: plain_value(value) for key, value in f.attrs.items()}
+        attrs = {key: plain(value) for key, value in f.attrs.items()}
         if "fastfeat_version" not in attrs or "classes" not in attrs:
             raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
         if not attrs.get("complete"):
@@ -236,7 +226,8 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), fe
                 files[split] = f[split]["files"].asstr()[:].tolist()
             if features[split].ndim != 2 or len(features[split]) != len(labels[split]):
                 raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
-            if feature_dim is not None and features[split].shape[1] != feature_dim:
-                raise InputError(f"{path}: features are {features[split].shape[1]}-d, expected {feature_dim}")
+            recorded = attrs.get("feature_dim", features[split].shape[1])
+            if features[split].shape[1] != recorded:
+                raise InputError(f"{path}: {split} features are {features[split].shape[1]}-d, the cache records {recorded}")
             _check_finite(path, split, features[split])
     return CacheData(path, attrs, features, labels, files)

@@ -15,51 +15,39 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .backbone import BACKBONE, FEATURE_DIM, build_resnet18
+from .backbone import frozen_modules
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError, check_number
-from .head import check_head_matches, load_head
+from .head import LinearHead, load_head
 from .loaders import eval_batches, resolve_loader, train_batches
 from .reporting import atomic_torch_save, epoch_line, progress, read_torch_file
+from .options import BackboneOptions, DataOptions, RunOptions, option
 from .runtime import amp_dtype, autocast, precision_name, resolve_device
 from .sources import Split, open_dataset
+from .spec import FeatureSpec
 from .transforms import Augment, Preprocess
 
-FREEZE_ORDER = ("stem", "layer1", "layer2", "layer3")
 CHECKPOINT_FORMAT = "fastfeat-finetune"
+SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass
-class FinetuneOptions:
-    data: str = "data"
-    dataset: str = "auto"
-    download: bool = False
-    limit: int | None = None
-    loader: str = "auto"
-    image_size: int = 224
-    resize: int = 256
-    jitter: float = 0.0
-    weights: str = "imagenet"
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 64
-    amp: bool = True
-    amp_dtype: str | None = None
-    channels_last: bool = True
-    compile: bool = False
-    epochs: int = 5
-    lr: float = 0.01
-    backbone_lr_scale: float = 0.1
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.5
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    freeze: str = "none"
-    init_head: str | None = None
-    checkpoint_dir: str = "data/finetune"
-    resume: bool = False
-    progress: bool = True
+class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
+    batch_size: int = option(64, "images per batch (per rank under torchrun)", group="device and precision")
+    jitter: float = option(0.0, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
+    epochs: int = option(5, "passes over the train split", group="training")
+    lr: float = option(0.01, "the head's learning rate", group="training")
+    backbone_lr_scale: float = option(0.1, "backbone lr = lr x this", group="training")
+    optimizer: str = option("sgd", "nesterov SGD or AdamW", choices=("sgd", "adamw"), group="training")
+    schedule: str = option("cosine", "per-step decay after the warm-up", choices=SCHEDULES, group="training")
+    warmup_epochs: float = option(0.5, "linear lr warm-up", group="training")
+    weight_decay: float = option(5e-4, "L2 weight decay", group="training")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="training")
+    freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
+                                 "backbone (0.5), or module names; `--freeze help` lists an arch's", group="training")
+    init_head: str | None = option(None, "start from a head made by train-head on the same features", group="training")
+    checkpoint_dir: str = option("data/finetune", "where last.pt and best.pt go", group="training")
+    resume: bool = option(False, "continue from CHECKPOINT_DIR/last.pt", group="training")
 
 
 @dataclass
@@ -104,51 +92,38 @@ def check_options(opts: FinetuneOptions) -> None:
                         ("--warmup-epochs", opts.warmup_epochs), ("--jitter", opts.jitter)):
         check_number(flag, value)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
-    Preprocess(resize=opts.resize, image_size=opts.image_size)  # refuses sizes no crop could have
+    opts.preprocess()  # refuses an unknown arch and sizes no crop could have, before any data is read
 
 
-def _frozen_modules(model: nn.Module, freeze: str) -> list[nn.Module]:
-    """Modules up to and including `freeze` (stem = conv1 + bn1), in forward order."""
-    if freeze == "none":
-        return []
-    if freeze not in FREEZE_ORDER:
-        raise InputError(f"unknown --freeze {freeze!r}: choose none, {', '.join(FREEZE_ORDER)}")
-    stages = [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3]]
-    return [m for stage in stages[: FREEZE_ORDER.index(freeze) + 1] for m in stage]
-
-
-def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Module, dict]:
-    """resnet18 with a fresh (or `--init-head`) K-way `fc`, and the attributes that identify it."""
-    model, info = build_resnet18(opts.weights, opts.seed)
-    attrs = {
-        "backbone": BACKBONE, "feature_dim": FEATURE_DIM, "weights": info.weights_id, "weights_sha256": info.sha256,
-        "image_size": opts.image_size, "resize": opts.resize, "mean": list(Preprocess().mean), "std": list(Preprocess().std),
-    }
-    model.fc = nn.Linear(FEATURE_DIM, len(classes))
+def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Module, FeatureSpec, str]:
+    """The backbone with a fresh (or `--init-head`) K-way layer where its classifier was; its spec and
+    that layer's module path."""
+    backbone = opts.build()
+    head = nn.Linear(backbone.spec.feature_dim, len(classes))
     if opts.init_head:
-        head, head_classes, head_attrs = load_head(opts.init_head)
-        check_head_matches(head_attrs, attrs)
+        loaded, head_classes, head_spec = load_head(opts.init_head)
+        head_spec.check_matches(backbone.spec, f"--init-head {opts.init_head}", "this backbone")
         if list(head_classes) != list(classes):
             raise InputError(f"--init-head {opts.init_head} has classes {head_classes}, the data has {classes}")
-        model.fc = head_as_linear(head)
-    return model, attrs
+        head = head_as_linear(loaded)
+    return backbone.with_head(head), backbone.spec, backbone.classifier
 
 
-def head_as_linear(head: nn.Module) -> nn.Linear:
+def head_as_linear(head: LinearHead) -> nn.Linear:
     """Fold a head (optional feature standardisation + linear) into one `nn.Linear` on raw features."""
-    eye = torch.eye(FEATURE_DIM)
+    dim = head.fc.in_features
     with torch.no_grad():
-        bias = head(torch.zeros(1, FEATURE_DIM))[0]
-        weight = (head(eye) - bias).T
-    linear = nn.Linear(FEATURE_DIM, weight.shape[0])
+        bias = head(torch.zeros(1, dim))[0]
+        weight = (head(torch.eye(dim)) - bias).T
+    linear = nn.Linear(dim, weight.shape[0])
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
     return linear
 
 
-def make_optimizer(model: nn.Module, opts: FinetuneOptions) -> torch.optim.Optimizer:
-    head = list(model.fc.parameters())
+def make_optimizer(model: nn.Module, head_path: str, opts: FinetuneOptions) -> torch.optim.Optimizer:
+    head = list(model.get_submodule(head_path).parameters())
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{"params": backbone, "lr": opts.lr * opts.backbone_lr_scale}, {"params": head, "lr": opts.lr}]
@@ -162,8 +137,8 @@ def make_optimizer(model: nn.Module, opts: FinetuneOptions) -> torch.optim.Optim
 def make_schedule(optimizer: torch.optim.Optimizer, opts: FinetuneOptions, steps_per_epoch: int):
     """Per-step LambdaLR: linear warm-up, then cosine decay, a x0.1 step every third of the run, or flat."""
     total, warmup = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
-    if opts.schedule not in ("cosine", "step", "none"):
-        raise InputError(f"unknown --schedule {opts.schedule!r}: choose cosine, step or none")
+    if opts.schedule not in SCHEDULES:
+        raise InputError(f"unknown --schedule {opts.schedule!r}: choose {', '.join(SCHEDULES)}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -196,8 +171,9 @@ class Trainer:
         self.device = device or resolve_device(opts.device)
         self.dtype = amp_dtype(self.device, opts.amp, opts.amp_dtype)
         self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
-        model, self.attrs = build_classifier(opts, classes)
-        self.frozen = _frozen_modules(model, opts.freeze)
+        model, spec, self.head_path = build_classifier(opts, classes)
+        self.spec = spec.with_precision(precision_name(self.dtype))
+        self.frozen = frozen_modules(model, opts.arch, opts.freeze)
         for module in self.frozen:
             module.requires_grad_(False)
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -205,7 +181,7 @@ class Trainer:
         if world.distributed:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if opts.compile else wrapped
-        self.optimizer = make_optimizer(self.model, opts)
+        self.optimizer = make_optimizer(self.model, self.head_path, opts)
         self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
@@ -260,7 +236,7 @@ class Trainer:
             "epoch": self.epoch,
             "history": self.history,
             "classes": self.classes,
-            "attrs": self.attrs,
+            "spec": self.spec.to_attrs(),
             "options": asdict(self.opts),
             # torch's global generator only: data order and augmentation come from (seed, epoch) generators,
             # and nothing draws from numpy's or python's; tensors and plain values load with weights_only=True
@@ -286,9 +262,14 @@ def read_checkpoint(path: Path) -> dict:
 
 def _resume(trainer: Trainer, last: Path) -> None:
     state = read_checkpoint(last)
-    if state["attrs"] != trainer.attrs or state["classes"] != trainer.classes:
-        raise InputError(f"cannot resume from {last}: it was trained with another backbone, preprocessing or classes")
+    checkpoint_spec(state, last).check_matches(trainer.spec, f"cannot resume from {last}: it", "this run's backbone")
+    if state["classes"] != trainer.classes:
+        raise InputError(f"cannot resume from {last}: it has classes {state['classes']}, the data has {trainer.classes}")
     trainer.load_state(state)
+
+
+def checkpoint_spec(state: dict, path: Path) -> FeatureSpec:
+    return FeatureSpec.from_attrs(state.get("spec", {}), f"checkpoint {path}")
 
 
 def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
@@ -302,11 +283,11 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download, opts.seed)
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
-    pre = Preprocess(resize=opts.resize, image_size=opts.image_size)
     aug = Augment(jitter=opts.jitter)
     train, test = dataset.splits["train"], dataset.splits["test"].rows(*shard_range(len(dataset.splits["test"]), world))
     steps = max(1, -(-len(epoch_order(len(train), 0, 0, opts.batch_size, world)) // opts.batch_size))
     trainer = Trainer(opts, list(dataset.classes), steps, world, device)
+    pre = trainer.spec.pre
     last, best = Path(opts.checkpoint_dir) / "last.pt", Path(opts.checkpoint_dir) / "best.pt"
     if last.exists() and not opts.resume:
         raise InputError(f"{last} exists: pass --resume to continue that run, or choose another --checkpoint-dir")

@@ -25,23 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import FEATURE_DIM
-from .cache_file import plain_value, read_cache
+from .backbone import DEFAULT_ARCH
+from .cache_file import read_cache
 from .errors import FastfeatError, InputError, check_number
 from .reporting import atomic_torch_save, epoch_line, read_torch_file
+from .options import option
 from .runtime import resolve_device
+from .spec import FeatureSpec
 
 HEAD_FORMAT = "fastfeat-head"
-# what HeadOptions' None lr and weight_decay become (tuned against fit_lbfgs_reference); L2 = L2_ROWS / rows
+# what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
 ADAMW_WEIGHT_DECAY = 0.5
 L2_ROWS = 100.0
 LBFGS_ITERS_PER_EPOCH = 25
-# what a head records about the features it was trained on; MATCH_ATTRS must agree to reuse it
-CACHE_ATTRS = ("fastfeat_version", "backbone", "feature_dim", "weights", "weights_sha256", "image_size", "resize",
-               "mean", "std", "amp_dtype", "feature_dtype", "dataset")
-MATCH_ATTRS = ("backbone", "weights_sha256", "image_size", "resize", "mean", "std")
-REFERENCE_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 @dataclass
@@ -49,17 +46,19 @@ class HeadOptions:
     """Defaults: 20 epochs of nesterov SGD, batch 1024, lr 0.2 with cosine decay, L2 100 / train rows on
     standardised features. `lr` and `weight_decay` left None take the optimizer's defaults."""
 
-    cache: str
-    out: str | None = None
-    epochs: int = 20
-    batch_size: int = 1024
-    lr: float | None = None
-    optimizer: str = "sgd"
-    weight_decay: float | None = None
-    label_smoothing: float = 0.0
-    standardize: bool = True
-    seed: int = 0
-    device: str = "auto"
+    cache: str = option(f"data/cifar10-{DEFAULT_ARCH}.h5", "a fastfeat cache")
+    out: str | None = option(None, "head file (default: <cache stem>.head.pt beside the cache)")
+    epochs: int = option(20, "passes over the train split")
+    batch_size: int = option(1024, "rows per step (sgd, adamw)")
+    lr: float | None = option(None, "learning rate (default: 0.2 sgd, 3e-3 adamw, 1.0 lbfgs)")
+    optimizer: str = option("sgd", "nesterov SGD with cosine decay, AdamW, or full-batch L-BFGS",
+                            choices=tuple(DEFAULT_LR))
+    weight_decay: float | None = option(None, "L2 on the weight (default: 100 / train rows for sgd and lbfgs; "
+                                              "0.5 decoupled for adamw)")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    standardize: bool = option(True, "standardise features with the train split's mean and std")
+    seed: int = option(0, "shuffles")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -98,7 +97,7 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     """Train the head on the cache's train split, validating on its test split every epoch, and save it."""
     check_options(opts)
     device = resolve_device(opts.device)
-    attrs, classes, tensors = load_features(opts.cache, device)
+    spec, classes, tensors = load_features(opts.cache, device)
     opts = with_defaults(opts, len(tensors[1]))
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
@@ -106,7 +105,7 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     start = time.perf_counter()
     head, history = fit_head(*tensors, len(classes), opts, log)
     seconds = time.perf_counter() - start
-    save_head(out, head, classes, attrs, opts)
+    save_head(out, head, classes, spec, opts)
     return HeadResult(out, seconds, str(device), asdict(opts), history)
 
 
@@ -151,11 +150,9 @@ def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
                    weight_decay=weight_decay if opts.weight_decay is None else opts.weight_decay)
 
 
-def load_features(path: str | Path, device: torch.device) -> tuple[dict, list[str], list[torch.Tensor]]:
-    """A complete 512-d cache as (attrs, classes, [train_x, train_y, test_x, test_y]) on `device`."""
-    cache = read_cache(path, ("train", "test"), FEATURE_DIM)
-    if cache.attrs.get("feature_dim", FEATURE_DIM) != FEATURE_DIM:
-        raise InputError(f"{path}: features are {cache.attrs['feature_dim']}-d, expected {FEATURE_DIM}")
+def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, list[str], list[torch.Tensor]]:
+    """A complete cache as (spec, classes, [train_x, train_y, test_x, test_y]) on `device`."""
+    cache = read_cache(path, ("train", "test"))
     classes = cache.classes
     for split, labels in cache.labels.items():
         if len(labels) == 0:
@@ -166,7 +163,7 @@ def load_features(path: str | Path, device: torch.device) -> tuple[dict, list[st
         if missing:
             raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")
     tensors = [torch.from_numpy(a).to(device) for s in ("train", "test") for a in (cache.features[s], cache.labels[s])]
-    return cache.attrs, classes, tensors
+    return FeatureSpec.from_attrs(cache.attrs, str(path)), classes, tensors
 
 
 def default_out(cache: str | Path) -> Path:
@@ -178,13 +175,13 @@ class LinearHead(nn.Module):
     """`fc` on standardised features, fc((x - mean) / std), computed as one linear map of raw x
     (no standardised copy of the data is ever made); mean 0 and std 1 when not standardising."""
 
-    def __init__(self, num_classes: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+    def __init__(self, dim: int, num_classes: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        self.fc = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.fc.weight)  # the problem is convex: no random init needed
         nn.init.zeros_(self.fc.bias)
-        self.register_buffer("mean", torch.zeros(FEATURE_DIM) if mean is None else mean.detach().float().clone())
-        self.register_buffer("std", torch.ones(FEATURE_DIM) if std is None else std.detach().float().clone())
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(dim) if std is None else std.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.fc.weight / self.std
@@ -204,7 +201,7 @@ def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torc
 
 def new_head(x: torch.Tensor, num_classes: int, standardize: bool = True) -> LinearHead:
     """A zero head on x's device, standardising with x's statistics if asked."""
-    return LinearHead(num_classes, *(feature_stats(x) if standardize else (None, None))).to(x.device)
+    return LinearHead(x.shape[1], num_classes, *(feature_stats(x) if standardize else (None, None))).to(x.device)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -285,63 +282,29 @@ def lbfgs_epoch(optimizer: torch.optim.LBFGS, head: LinearHead, x: torch.Tensor,
     optimizer.step(closure)
 
 
-def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = 1000) -> LinearHead:
-    """Standardised L2 logistic regression by full-batch L-BFGS, run until converged (or `max_iter`)."""
-    head = new_head(x, num_classes)
-    lbfgs_epoch(make_lbfgs(head, max_iter=max_iter), head, x, y, weight_decay)
-    return head
-
-
-def fit_lbfgs_reference(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                        num_classes: int, grid: tuple[float, ...] = REFERENCE_L2_GRID, holdout: float = 0.2,
-                        seed: int = 0) -> tuple[float, float]:
-    """A tuned linear probe: the L2 strength with the best accuracy on a held-out `holdout` of train
-    (ties: the stronger), refit on all of train. Returns (test accuracy, chosen L2 strength)."""
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
-    held, fit = order[: int(holdout * len(order))], order[int(holdout * len(order)) :]
-
-    def held_out_acc(l2: float) -> float:
-        return evaluate(fit_lbfgs(train_x[fit], train_y[fit], num_classes, l2), train_x[held], train_y[held])[1]
-
-    best = max(grid, key=lambda l2: (held_out_acc(l2), l2))
-    return evaluate(fit_lbfgs(train_x, train_y, num_classes, best), test_x, test_y)[1], best
-
-
-def save_head(out: Path, head: LinearHead, classes: list[str], attrs: dict, opts: HeadOptions) -> None:
-    """torch.save the head atomically, with what it needs to be checked against a backbone."""
+def save_head(out: Path, head: LinearHead, classes: list[str], spec: FeatureSpec, opts: HeadOptions) -> None:
+    """torch.save the head atomically, with the spec of the features it was trained on."""
     atomic_torch_save({
         "format": HEAD_FORMAT,
         "state_dict": {k: v.cpu() for k, v in head.fc.state_dict().items()},
         "classes": list(classes),
         "standardize": {"mean": head.mean.cpu(), "std": head.std.cpu()} if opts.standardize else None,
-        "cache_attrs": {k: attrs[k] for k in CACHE_ATTRS if k in attrs},
+        "spec": spec.to_attrs(),
         "options": asdict(opts),
     }, out)
 
 
-def load_head(path: str | Path) -> tuple[LinearHead, list[str], dict]:
-    """A saved head as (CPU module mapping raw 512-d features to logits, classes, cache attrs)."""
+def load_head(path: str | Path) -> tuple[LinearHead, list[str], FeatureSpec]:
+    """A saved head as (CPU module mapping raw features to logits, classes, spec of those features)."""
     state = read_torch_file(path, "head file")
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise InputError(f"{path} is not a fastfeat head (made by fastfeat train-head)")
+    spec = FeatureSpec.from_attrs(state.get("spec") or state.get("cache_attrs") or {}, f"head file {path}")
     try:
-        head = LinearHead(len(state["classes"]))
+        head = LinearHead(spec.feature_dim, len(state["classes"]))
         stats = state["standardize"] or {"mean": head.mean, "std": head.std}
         weights = {f"fc.{k}": v for k, v in state["state_dict"].items()}
         head.load_state_dict({"mean": stats["mean"], "std": stats["std"], **weights})  # checks every shape
-        return head.eval(), list(state["classes"]), dict(state["cache_attrs"])
+        return head.eval(), list(state["classes"]), spec
     except (KeyError, TypeError, AttributeError, RuntimeError):
         raise InputError(f"{path} is a damaged fastfeat head (missing or misshapen entries)") from None
-
-
-def check_head_matches(head_attrs: dict, backbone_attrs: dict) -> None:
-    """Refuse a head trained on features of another backbone, weights or preprocessing."""
-    differ = [k for k in MATCH_ATTRS if plain_value(head_attrs.get(k)) != plain_value(backbone_attrs.get(k))]
-    if differ:
-        details = "; ".join(f"{k} {_short(head_attrs.get(k))} vs {_short(backbone_attrs.get(k))}" for k in differ)
-        raise InputError(f"the head was trained on features of another backbone or preprocessing (head vs now: {details})")
-
-
-def _short(value) -> str:
-    text = repr(plain_value(value))
-    return text if len(text) <= 20 else text[:17] + "..."

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import FEATURE_DIM, build_resnet18, weights_for_id
+from .backbone import build_backbone, rebuild_backbone
 from .errors import InputError
-from .finetune import CHECKPOINT_FORMAT
+from .finetune import CHECKPOINT_FORMAT, checkpoint_spec
 from .head import HEAD_FORMAT, load_head
 from .loaders import eval_batches, resolve_loader
 from .reporting import read_torch_file
@@ -28,40 +28,26 @@ class Classifier:
     pre: Preprocess
 
 
-def _backbone_for(attrs: dict, weights: str | None) -> nn.Module:
-    """Rebuild the backbone a head was trained on, from its recorded weights id (or `weights`)."""
-    source = attrs["weights"]
-    if weights is None:
-        rebuild = weights_for_id(source)
-        if rebuild is None:
-            raise InputError(f"the head was trained on {source}: pass --weights FILE with that resnet18 state dict")
-        weights, seed = rebuild
-    else:
-        seed = 0
-    backbone, info = build_resnet18(weights, seed)
-    if info.sha256 != attrs["weights_sha256"]:
-        raise InputError(f"--weights {weights} are not the backbone this head was trained on ({source})")
-    return backbone
-
-
 def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
-    """Load a `fastfeat finetune` checkpoint or a `fastfeat train-head` head as a full classifier."""
+    """Load a `fastfeat finetune` checkpoint or a `fastfeat train-head` head as a full classifier; a
+    head's backbone is rebuilt from the weights its features came from (or `weights`, that FILE)."""
     state = read_torch_file(path, "model file")
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == CHECKPOINT_FORMAT:
         if weights is not None:
             raise InputError(f"--weights applies to heads only: the checkpoint {path} holds its own backbone weights")
-        model, _ = build_resnet18("none")
-        model.fc = nn.Linear(FEATURE_DIM, len(state["classes"]))
-        model.load_state_dict(state["model"])
-        classes, attrs = state["classes"], state["attrs"]
+        spec, classes = checkpoint_spec(state, Path(path)), list(state.get("classes", []))
+        model = build_backbone(spec.arch, "none", 0, spec.pre).with_head(nn.Linear(spec.feature_dim, len(classes)))
+        try:
+            model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError):
+            raise InputError(f"{path} is a damaged fastfeat checkpoint (missing or misshapen weights)") from None
     elif fmt == HEAD_FORMAT:
-        head, classes, attrs = load_head(path)
-        model = nn.Sequential(_backbone_for(attrs, weights), head)
+        head, classes, spec = load_head(path)
+        model = nn.Sequential(rebuild_backbone(spec, weights).model, head)
     else:
         raise InputError(f"{path} is neither a fastfeat finetune checkpoint nor a fastfeat head")
-    pre = Preprocess(resize=attrs["resize"], image_size=attrs["image_size"], mean=tuple(attrs["mean"]), std=tuple(attrs["std"]))
-    return Classifier(model.eval(), list(classes), pre)
+    return Classifier(model.eval(), list(classes), spec.pre)
 
 
 class Predictor:

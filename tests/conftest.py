@@ -2,6 +2,7 @@
 weights file, small image folders."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,21 @@ import torch
 import torchvision
 from PIL import Image
 
+from fastfeat.cache import cache_attrs
+from fastfeat.cache_file import CacheWriter
+from fastfeat.sources import Dataset
+from fastfeat.spec import FeatureSpec
 from fastfeat.synthetic import write_sample
+from fastfeat.transforms import Preprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the probe reference lives there
 
 REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The generated sample: 1,000 train and 500 test images (every fourth file a PNG), small enough to
 # run every test on all of it in seconds on 2 cores.
 SAMPLE_TRAIN_PER_CLASS, SAMPLE_TEST_PER_CLASS = 100, 50
+CLASSES = ("a", "b", "c")
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +95,27 @@ def make_cifar(root: Path, n_train: int = 64, n_test: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def learnable(tmp_path_factory) -> Path:
     return make_cifar(tmp_path_factory.mktemp("learnable"), n_train=160, n_test=40)
+
+
+def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
+                **attrs) -> Path:
+    """A cache file as `fastfeat cache` writes it, from given features and labels."""
+    dataset = Dataset("folder", out.parent, tuple(classes), {})
+    dim = next(iter(splits.values()))[0].shape[1]
+    base = cache_attrs(dataset, FeatureSpec("resnet18", "none:seed=0", "0" * 64, dim, Preprocess(), "bfloat16"), 128)
+    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim)
+    for split, (x, y) in splits.items():
+        writer.write(split, 0, x, y)
+    if finish:
+        writer.finish()
+    writer.close()
+    return out
+
+
+def separable(n: int, rng: np.random.Generator, k: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative 512-d features whose class shows in 8 dimensions, on top of strong noise in all."""
+    y = rng.integers(0, k, n)
+    x = np.abs(rng.normal(1.0, 1.0, (n, 512)))
+    for c in range(k):
+        x[y == c, 8 * c : 8 * c + 8] += 4.0
+    return x.astype(np.float16), y

@@ -18,7 +18,7 @@ from conftest import MEAN, STD
 from PIL import Image
 
 from fastfeat import CacheOptions, InputError, build_cache, open_dataset, read_cache
-from fastfeat.backbone import build_resnet18
+from fastfeat.backbone import build_backbone
 from fastfeat.cache_file import CacheWriter, partial_path
 from fastfeat.cli import main
 from fastfeat.loaders import dali_available
@@ -128,9 +128,10 @@ def test_rows_keep_dataset_order_and_labels(sample, weights_file, tmp_path):
 def test_cache_is_self_describing(sample, weights_file, tmp_path):
     got = cache(sample, tmp_path / "c.h5", limit=40, loader="torch", weights=str(weights_file), dtype="float32", **SMALL)
     a = got["attrs"]
-    _, info = build_resnet18(str(weights_file))
-    assert a["complete"] is True and a["backbone"] == "resnet18" and a["fastfeat_version"]
-    assert a["weights"] == "file:resnet18.pth" and a["weights_sha256"] == info.sha256
+    spec = build_backbone("resnet18", str(weights_file)).spec
+    assert a["complete"] is True and a["arch"] == "resnet18" and a["fastfeat_version"] and a["feature_dim"] == 512
+    assert a["weights"] == "file:resnet18.pth" and a["weights_sha256"] == spec.weights_sha256
+    assert a["interpolation"] == "bilinear"
     assert (a["image_size"], a["resize"], a["amp_dtype"], a["dataset"]) == (64, 73, "bfloat16", "cifar10")
     assert np.allclose(a["mean"], MEAN) and np.allclose(a["std"], STD)
     assert json.loads(a["classes"])[:2] == ["airplane", "automobile"]
@@ -209,11 +210,11 @@ def test_existing_cache_needs_overwrite(sample, tmp_path):
 
 def test_weights_files_with_prefixes_and_without_fc_load_the_same(weights_file, tmp_path):
     state = torch.load(weights_file)
-    _, info = build_resnet18(str(weights_file))
+    sha = build_backbone("resnet18", str(weights_file)).spec.weights_sha256
     variant = tmp_path / "ddp.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items() if not k.startswith("fc.")}}, variant)
-    assert build_resnet18(str(variant))[1].sha256 == info.sha256
-    assert build_resnet18("none", seed=0)[1].sha256 != info.sha256
+    assert build_backbone("resnet18", str(variant)).spec.weights_sha256 == sha
+    assert build_backbone("resnet18", "none", seed=0).spec.weights_sha256 != sha
 
 
 def test_torch_transform_matches_pil_on_non_square_images():
@@ -312,7 +313,7 @@ def test_offline_downloads_fail_in_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(InputError, match="--weights FILE .* --weights none"):
-        build_resnet18("imagenet")
+        build_backbone("resnet18", "imagenet")
 
 
 def test_console_script_end_to_end_with_metrics(sample, tmp_path):

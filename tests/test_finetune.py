@@ -143,7 +143,7 @@ def test_cli_writes_checkpoints_and_metrics(learnable, tmp_path):
     m = json.loads(metrics.read_text())
     assert m["command"] == "finetune" and len(m["epochs"]) == 1 and m["train_images_per_second"] > 0
     state = read_checkpoint(tmp_path / "ckpt" / "last.pt")
-    assert {"model", "optimizer", "scaler", "schedule", "epoch", "rng", "classes", "attrs"} <= set(state)
+    assert {"model", "optimizer", "scaler", "schedule", "epoch", "rng", "classes", "spec"} <= set(state)
     assert (tmp_path / "ckpt" / "best.pt").exists() and not list((tmp_path / "ckpt").glob("*.tmp"))
 
 
@@ -172,10 +172,10 @@ def test_folded_head_gives_the_heads_logits():
     from fastfeat.head import LinearHead
 
     torch.manual_seed(0)
-    head = LinearHead(3, mean=torch.randn(512), std=torch.rand(512) + 0.5)
+    head = LinearHead(300, 3, mean=torch.randn(300), std=torch.rand(300) + 0.5)  # any feature size
     torch.nn.init.normal_(head.fc.weight)
     torch.nn.init.normal_(head.fc.bias)
-    x = torch.randn(8, 512)
+    x = torch.randn(8, 300)
     expected = head.fc((x - head.mean) / head.std)  # the head's definition, written out
     assert torch.allclose(head_as_linear(head)(x), expected, atol=1e-4)
 

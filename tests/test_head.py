@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -10,20 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastfeat import CacheOptions, InputError, build_cache, read_cache
-from fastfeat.cache import cache_attrs
-from fastfeat.cache_file import CacheWriter
+from conftest import separable, write_cache
+from probe_reference import fit_lbfgs_reference
+
+from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
 from fastfeat.finetune import FinetuneOptions, build_classifier, head_as_linear
-from fastfeat.head import (
-    HeadOptions,
-    check_head_matches,
-    fit_head,
-    fit_lbfgs_reference,
-    load_features,
-    load_head,
-    train_head,
-)
-from fastfeat.sources import Dataset
+from fastfeat.head import HeadOptions, fit_head, load_features, load_head, train_head
 from fastfeat.transforms import Preprocess
 
 # The first lines the original recipe printed (its reference output), to check our format against.
@@ -35,31 +28,6 @@ Epoch 19. Train Loss: 1.098069, Train Acc: 0.618027, Valid Loss: 0.705413, Valid
 """.splitlines()
 EPOCH_LINE = (r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, "
               r"Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d")
-CLASSES = ("a", "b", "c")
-
-
-def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
-                **attrs) -> Path:
-    """A cache file as `fastfeat cache` writes it, from given features and labels."""
-    dataset = Dataset("folder", out.parent, tuple(classes), {})
-    base = cache_attrs(dataset, Preprocess(), "none:seed=0", "0" * 64, "bfloat16", 128)
-    dim = next(iter(splits.values()))[0].shape[1]
-    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim)
-    for split, (x, y) in splits.items():
-        writer.write(split, 0, x, y)
-    if finish:
-        writer.finish()
-    writer.close()
-    return out
-
-
-def separable(n: int, rng: np.random.Generator, k: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
-    """Non-negative 512-d features whose class shows in 8 dimensions, on top of strong noise in all."""
-    y = rng.integers(0, k, n)
-    x = np.abs(rng.normal(1.0, 1.0, (n, 512)))
-    for c in range(k):
-        x[y == c, 8 * c : 8 * c + 8] += 4.0
-    return x.astype(np.float16), y
 
 
 @pytest.fixture
@@ -152,17 +120,17 @@ def test_lbfgs_optimizer_is_the_reference_objective(sample_cache, sample_referen
 def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
     opts = quiet(sample_cache, out=str(tmp_path / "h.pt"), epochs=3)
     result = train_head(opts, log=lambda line: None)
-    attrs, classes, (train_x, train_y, test_x, test_y) = load_features(sample_cache, torch.device("cpu"))
+    spec, classes, (train_x, train_y, test_x, test_y) = load_features(sample_cache, torch.device("cpu"))
     trained, _ = fit_head(train_x, train_y, test_x, test_y, len(classes), opts, log=lambda line: None)
-    head, loaded_classes, head_attrs = load_head(result.out)
+    head, loaded_classes, head_spec = load_head(result.out)
     with torch.no_grad():
         logits = head(test_x)
         assert torch.equal(logits, trained(test_x))
         assert torch.allclose(head_as_linear(head)(test_x), logits, atol=1e-3)  # what finetune --init-head uses
     assert (logits.argmax(1) == test_y).float().mean().item() == result.final_valid_acc
     assert loaded_classes == classes and len(classes) == 10
-    for key in ("backbone", "weights", "weights_sha256", "image_size", "resize", "mean", "std", "feature_dim", "amp_dtype"):
-        assert head_attrs[key] == attrs[key], key
+    assert head_spec == spec and spec == FeatureSpec.from_attrs(read_cache(sample_cache).attrs)
+    assert (spec.arch, spec.feature_dim, spec.pre.image_size, spec.pre.resize, spec.amp_dtype) == ("resnet18", 512, 64, 73, "bfloat16")
 
 
 def test_head_initialises_finetune_and_predicts_images(sample, sample_cache, weights_file, tmp_path):
@@ -172,23 +140,29 @@ def test_head_initialises_finetune_and_predicts_images(sample, sample_cache, wei
     result = train_head(quiet(sample_cache, out=str(tmp_path / "h.pt")), log=lambda line: None)
     head, classes, _ = load_head(result.out)
     same = FinetuneOptions(data=str(sample), weights=str(weights_file), image_size=64, resize=73, init_head=str(result.out))
-    model, _ = build_classifier(same, classes)
+    model, _, _ = build_classifier(same, classes)
     assert torch.allclose(model.fc.weight, head_as_linear(head).weight)
-    with pytest.raises(InputError, match="image_size"):
+    with pytest.raises(InputError, match="image_size 64 vs 224"):
         build_classifier(FinetuneOptions(**{**same.__dict__, "image_size": 224, "resize": 256}), classes)
     predictor = Predictor(load_classifier(result.out, str(weights_file)), device="cpu")
     accuracy, images = predictor.accuracy(str(sample), "test", loader="torch")
     assert images == 500 and abs(accuracy - result.final_valid_acc) <= 0.02, (accuracy, result.final_valid_acc)
 
 
-def test_check_head_matches_refuses_another_backbone(toy_cache, tmp_path):
+def test_a_head_is_refused_on_features_of_another_spec(toy_cache, tmp_path):
+    """Every attribute that changes what the features mean is compared, in one place (FeatureSpec)."""
     result = train_head(quiet(toy_cache, out=str(tmp_path / "h.pt"), epochs=1), log=lambda line: None)
-    _, _, head_attrs = load_head(result.out)
-    backbone = {k: read_cache(toy_cache).attrs[k] for k in ("backbone", "weights_sha256", "image_size", "resize", "mean", "std")}
-    check_head_matches(head_attrs, {**backbone, "mean": tuple(backbone["mean"])})
-    for key, value in [("weights_sha256", "f" * 64), ("image_size", 64), ("resize", 73), ("std", [1.0, 1.0, 1.0])]:
-        with pytest.raises(InputError, match=key):
-            check_head_matches(head_attrs, {**backbone, key: value})
+    _, _, head_spec = load_head(result.out)
+    cache_spec = FeatureSpec.from_attrs(read_cache(toy_cache).attrs)
+    head_spec.check_matches(cache_spec.with_precision("float32"), "the head", "these features")  # precision may differ
+    changes = {"arch": dict(arch="resnet50"), "weights_sha256": dict(weights_sha256="f" * 64),
+               "feature_dim": dict(feature_dim=2048), "image_size": dict(pre=replace(cache_spec.pre, image_size=32)),
+               "resize": dict(pre=replace(cache_spec.pre, resize=300)),
+               "interpolation": dict(pre=replace(cache_spec.pre, interpolation="bicubic")),
+               "std": dict(pre=replace(cache_spec.pre, std=(1.0, 1.0, 1.0)))}
+    for key, change in changes.items():
+        with pytest.raises(InputError, match=f"the head was made on other features than these features: {key} "):
+            head_spec.check_matches(replace(cache_spec, **change), "the head", "these features")
 
 
 def test_default_out_metrics_and_no_standardize(toy_cache):
@@ -222,8 +196,8 @@ def test_bad_caches_fail_in_one_line(tmp_path):
         f.attrs["complete"] = False
     cases["unfinished.h5"] = "incomplete cache"
     small = [(rng.random((8, 256)).astype(np.float16), rng.integers(0, 3, 8)) for _ in range(2)]
-    write_cache(tmp_path / "dim.h5", dict(zip(("train", "test"), small)), feature_dim=256)
-    cases["dim.h5"] = "features are 256-d, expected 512"
+    write_cache(tmp_path / "dim.h5", dict(zip(("train", "test"), small)), feature_dim=512)
+    cases["dim.h5"] = "train features are 256-d, the cache records 512"
     write_cache(tmp_path / "notest.h5", {"train": separable(8, rng)})
     cases["notest.h5"] = "no test/features"
     write_cache(tmp_path / "labels.h5", {"train": separable(8, rng, k=5), "test": separable(8, rng)})
@@ -255,7 +229,8 @@ def test_load_head_refuses_what_is_not_a_head(tmp_path):
     torch.save({"format": "fastfeat-finetune", "model": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(InputError, match="is not a fastfeat head"):
         load_head(tmp_path / "ckpt.pt")
-    damaged = {"format": "fastfeat-head", "classes": ["a", "b"], "standardize": None, "cache_attrs": {},
+    spec = FeatureSpec("resnet18", "none:seed=0", "0" * 64, 512, Preprocess()).to_attrs()
+    damaged = {"format": "fastfeat-head", "classes": ["a", "b"], "standardize": None, "spec": spec,
                "state_dict": {"weight": torch.zeros(3, 512), "bias": torch.zeros(3)}}
     torch.save(damaged, tmp_path / "damaged.pt")
     with pytest.raises(InputError, match="damaged fastfeat head"):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_cifar, make_folder
-from test_head import separable, write_cache
 
-from fastfeat.backbone import build_resnet18
+from conftest import make_cifar, make_folder, separable, write_cache
+
+from fastfeat.backbone import build_backbone
 from fastfeat.cli import main
 from fastfeat.errors import FastfeatError, InputError
 from fastfeat.finetune import FinetuneOptions, finetune
@@ -153,7 +153,7 @@ def test_weights_mismatch_message_names_only_what_differs(tmp_path):
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, partial)
     with pytest.raises(InputError) as info:
-        build_resnet18(str(partial))
+        build_backbone("resnet18", str(partial))
     message = str(info.value)
     assert "missing keys (e.g. layer4." in message and "unexpected" not in message and "[]" not in message, message
 
@@ -166,7 +166,7 @@ def test_predict_refuses_weights_that_are_not_the_heads(tmp_path, capsys, weight
     head = str(cache.with_suffix(".head.pt"))
     assert run(["predict", "--model", head, "--data", str(data), "--device", "cpu", "--loader", "torch"], capsys)[0] == 0
     one_line(["predict", "--model", head, "--weights", str(weights_file), "--data", str(data), "--device", "cpu"], capsys,
-             "are not the backbone this head was trained on (none:seed=0)")
+             "are not the backbone the features came from (none:seed=0)")
 
 
 def test_finetune_resume_without_a_checkpoint_says_so_and_metrics_describe_the_run(tmp_path, capsys):
