@@ -11,13 +11,14 @@ or by default generated CIFAR-like images, see fastfeat.synthetic), of:
   its defaults (AMP, channels_last) and, with `--compile` (the default), also with `torch.compile`;
   its time includes writing the HDF5 cache.
 
-Every variant uses the same random-init resnet18 weights (written to a temporary file, since the
-ImageNet weights may not be downloadable) and runs once untimed on a few images (one full and one
+`--arch` picks the backbone (default resnet18; the original pipeline then uses that arch's own
+preprocessing). Every variant uses the same random-init weights (written to a temporary file, since
+pretrained weights may not be downloadable) and runs once untimed on a few images (one full and one
 tail batch, so compiled graphs and oneDNN primitives are warm), then timed on all of them.
 
 Run from the repository root:
 
-    python benchmarks/bench_cache.py [--images 1024] [--loaders dali,torch] [--no-compile]
+    python benchmarks/bench_cache.py [--arch resnet18] [--images 1024] [--loaders dali,torch] [--no-compile] [--fp32]
 
 It prints a table and writes it, with the parameters and machine info, to `--json`.
 """
@@ -35,9 +36,9 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch import nn
 from torchvision import transforms
 
+from fastfeat.backbone import DEFAULT_ARCH, Backbone, build_backbone
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.loaders import dali_available
 from fastfeat.reporting import write_json
@@ -46,7 +47,6 @@ from fastfeat.synthetic import data_or_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_BATCH, ORIGINAL_WORKERS = 64, 2
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 Run = Callable[[int], dict]  # images -> {"images": processed, "seconds": ..., "precision": ...}
 
@@ -64,13 +64,13 @@ class CifarArrays(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
-def original_run(data: Path, weights: Path, device: torch.device) -> Run:
+def original_run(data: Path, backbone: Backbone, device: torch.device) -> Run:
+    pre = backbone.spec.pre
     transform = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.Resize(pre.resize, interpolation=transforms.InterpolationMode(pre.interpolation)),
+        transforms.CenterCrop(pre.image_size), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std),
     ])
-    net = torchvision.models.resnet18()
-    net.load_state_dict(torch.load(weights, weights_only=True))
-    net.fc = nn.Identity()
+    net = backbone.model
     for p in net.parameters():
         p.requires_grad_(False)
     net = net.eval().to(device)
@@ -89,12 +89,13 @@ def original_run(data: Path, weights: Path, device: torch.device) -> Run:
     return run
 
 
-def fastfeat_run(data: Path, weights: Path, device: torch.device, loader: str, batch_size: int, compile: bool,
-                 out: Path) -> Run:
+def fastfeat_run(data: Path, arch: str, weights: Path, device: torch.device, loader: str, batch_size: int,
+                 compile: bool, amp: bool, out: Path) -> Run:
     def run(images: int) -> dict:
         result = build_cache(CacheOptions(
-            data=str(data), dataset="cifar10", splits=("train",), limit=images, loader=loader, weights=str(weights),
-            device=str(device), batch_size=batch_size, out=str(out), overwrite=True, progress=False, compile=compile,
+            data=str(data), dataset="cifar10", splits=("train",), limit=images, loader=loader, arch=arch,
+            weights=str(weights), device=str(device), batch_size=batch_size, out=str(out), overwrite=True,
+            progress=False, compile=compile, amp=amp,
         ))
         return {"images": result.images, "seconds": result.seconds, "precision": result.precision,
                 "loader": result.loader, "compile": compile}
@@ -124,11 +125,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None,
                         help="directory holding cifar-10-batches-py/ (default: generate CIFAR-like images)")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, help="backbone (any torchvision classification model)")
     parser.add_argument("--images", type=int, default=1024, help="training images to run through every variant")
     parser.add_argument("--batch-size", type=int, default=128, help="fastfeat batch size (the original uses 64)")
     parser.add_argument("--loaders", default="dali,torch", help="comma-separated fastfeat loaders")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time fastfeat with torch.compile")
+    parser.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time fastfeat without mixed precision")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every variant)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "bench_cache.json")
     return parser.parse_args()
@@ -145,14 +149,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, described = data_or_sample(args.data, args.images, tmp, test_images=0)
         print(f"data: {described}", flush=True)
-        weights = Path(tmp) / "resnet18.pth"
-        torch.save(torchvision.models.resnet18().state_dict(), weights)
-        rows = [measure("original (PIL + DataLoader, fp32)", original_run(data, weights, device),
+        weights = Path(tmp) / f"{args.arch}.pth"
+        torch.save(build_backbone(args.arch, "none").model.state_dict(), weights)
+        backbone = build_backbone(args.arch, str(weights))
+        print(f"backbone: {args.arch}, {backbone.spec.feature_dim}-d features, {backbone.spec.pre}", flush=True)
+        rows = [measure("original (PIL + DataLoader, fp32)", original_run(data, backbone, device),
                         args.images, ORIGINAL_BATCH)]
+        variants = [(amp, compile) for amp in ((True, False) if args.fp32 else (True,))
+                    for compile in ((False, True) if args.compile else (False,))]
         for loader in loaders:
-            for compile in (False, True) if args.compile else (False,):
-                run = fastfeat_run(data, weights, device, loader, args.batch_size, compile, Path(tmp) / "cache.h5")
-                name = f"fastfeat {loader} (amp" + (", compile)" if compile else ")")
+            for amp, compile in variants:
+                run = fastfeat_run(data, args.arch, weights, device, loader, args.batch_size, compile, amp,
+                                   Path(tmp) / "cache.h5")
+                name = f"fastfeat {loader} (" + ("amp" if amp else "fp32") + (", compile)" if compile else ")")
                 rows.append(measure(name, run, args.images, args.batch_size))
     for row in rows:
         row["speedup"] = round(row["images_per_second"] / rows[0]["images_per_second"], 2)
@@ -160,9 +169,9 @@ def main() -> None:
     write_json(args.json, {
         "rows": rows,
         "parameters": {
-            "data": described, "images": args.images, "batch_size": args.batch_size,
+            "data": described, "arch": args.arch, "images": args.images, "batch_size": args.batch_size,
             "original_batch_size": ORIGINAL_BATCH, "original_workers": ORIGINAL_WORKERS,
-            "loaders": loaders, "compile": args.compile,
+            "loaders": loaders, "compile": args.compile, "fp32": args.fp32,
         },
         "machine": {
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -39,10 +39,12 @@ import torchvision
 from fastfeat.cache import cache_attrs
 from fastfeat.cache_file import CacheWriter
 from fastfeat.errors import FastfeatError
-from fastfeat.head import HeadOptions, fit_lbfgs_reference, load_features, train_head
+from fastfeat.head import HeadOptions, load_features, train_head
 from fastfeat.reporting import write_json
 from fastfeat.sources import Dataset
+from fastfeat.spec import FeatureSpec
 from fastfeat.transforms import Preprocess
+from probe_reference import fit_lbfgs_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS, TARGET_POINTS = 2.0, 0.5
@@ -67,7 +69,8 @@ def write_synthetic_cache(out: Path, n_train: int, n_test: int, classes: int = 1
     mix = (rng.standard_normal((512, 512)) / math.sqrt(512)).astype(np.float32)
     scale = np.exp(0.5 * rng.standard_normal(512)).astype(np.float32)
     names = tuple(f"class{i}" for i in range(classes))
-    attrs = cache_attrs(Dataset("folder", out.parent, names, {}), Preprocess(), "synthetic", "0" * 64, "float32", 0)
+    spec = FeatureSpec("resnet18", "synthetic", "0" * 64, 512, Preprocess())
+    attrs = cache_attrs(Dataset("folder", out.parent, names, {}), spec, batch_size=0)
     writer = CacheWriter(out, attrs, {"train": n_train, "test": n_test}, 512)
     for split, n in (("train", n_train), ("test", n_test)):
         writer.write(split, 0, *synthetic_split(rng, centres, mix, scale, n))

@@ -44,9 +44,6 @@ class TorchvisionModels:
     AUX_KEYS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}  # in the weights, never built
     FIXED_SIZE = ("vit_", "swin_", "maxvit_")  # position embeddings / attention windows fix the input size
 
-    def names(self) -> tuple[str, ...]:
-        return _torchvision_names()
-
     def weights_names(self, arch: str) -> list[str]:
         return [w.name for w in torchvision.models.get_model_weights(arch)]
 
@@ -93,15 +90,8 @@ class TimmModels:
 
     PREFIX = "timm:"
 
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.PREFIX + name for name in _timm().list_models())
-
     def weights_names(self, arch: str) -> list[str]:
         return ["DEFAULT"]
-
-    def _weights_name(self, arch: str, name: str) -> None:
-        if name not in PRETRAINED:
-            raise InputError(f"--weights {name}: timm models take DEFAULT (the name's pretrained tag), none or a FILE")
 
     def preprocess(self, arch: str, weights: str) -> Preprocess:
         timm = _timm()
@@ -119,7 +109,8 @@ class TimmModels:
         return model, self._classifier(model), getattr(model, "head_hidden_size", None) or model.num_features
 
     def pretrained_state(self, arch: str, weights: str) -> tuple[str, dict[str, torch.Tensor]]:
-        self._weights_name(arch, weights)
+        if weights not in PRETRAINED:
+            raise InputError(f"--weights {weights}: timm models take DEFAULT (the name's pretrained tag), none or a FILE")
         with _quiet("huggingface_hub"):
             model = _timm().create_model(arch.removeprefix(self.PREFIX), pretrained=True, num_classes=0)
         return f"timm:{model.pretrained_cfg.get('tag') or 'default'}", model.state_dict()
