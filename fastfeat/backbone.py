@@ -322,9 +322,10 @@ def named_stages(arch: str) -> dict[str, tuple[str, ...]]:
     return next((stages for prefix, stages in STAGES.items() if arch.startswith(prefix)), {})
 
 
-def frozen_modules(model: nn.Module, arch: str, freeze: str) -> list[nn.Module]:
+def frozen_modules(model: nn.Module, arch: str, freeze: str, head: str | None = None) -> list[nn.Module]:
     """The modules `--freeze` names: none; a named stage (and those before it); a fraction of the
-    backbone's parameters, first to last; or comma-separated module-name prefixes."""
+    backbone's parameters (the K-way layer at module path `head` is not part of it), first to last;
+    or comma-separated module-name prefixes."""
     if freeze == "none":
         return []
     stages = named_stages(arch)
@@ -337,7 +338,7 @@ def frozen_modules(model: nn.Module, arch: str, freeze: str) -> list[nn.Module]:
         return [_module(model, arch, prefix) for prefix in freeze.split(",") if prefix.strip()]
     if not 0 < fraction <= 1:
         raise InputError(f"--freeze {freeze}: a fraction of the backbone must be in (0, 1]")
-    return _leading_fraction(model, fraction)
+    return _leading_fraction(model, fraction, head)
 
 
 def _module(model: nn.Module, arch: str, name: str) -> nn.Module:
@@ -347,10 +348,13 @@ def _module(model: nn.Module, arch: str, name: str) -> nn.Module:
         raise InputError(f"--freeze {name.strip()!r}: {arch} has no such module ({freeze_help(model, arch)})") from None
 
 
-def _leading_fraction(model: nn.Module, fraction: float) -> list[nn.Module]:
-    """The leaf modules holding the first `fraction` of the parameters, in registration (≈ forward) order."""
-    leaves = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
-    budget, frozen = fraction * sum(p.numel() for p in model.parameters()), []
+def _leading_fraction(model: nn.Module, fraction: float, head: str | None = None) -> list[nn.Module]:
+    """The leaf modules holding the first `fraction` of the backbone's parameters, in registration
+    (≈ forward) order; the head (module path `head`) is neither counted nor frozen."""
+    in_head = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
+    leaves = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))
+              and not any(id(p) in in_head for p in m.parameters())]
+    budget, frozen = fraction * sum(p.numel() for p in model.parameters() if id(p) not in in_head), []
     for module in leaves:
         size = sum(p.numel() for p in module.parameters())
         if size > budget:

@@ -173,7 +173,7 @@ class Trainer:
         self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
         model, spec, self.head_path = build_classifier(opts, classes)
         self.spec = spec.with_precision(precision_name(self.dtype))
-        self.frozen = frozen_modules(model, opts.arch, opts.freeze)
+        self.frozen = frozen_modules(model, opts.arch, opts.freeze, self.head_path)
         for module in self.frozen:
             module.requires_grad_(False)
         self.model = model.to(self.device, memory_format=self.memory_format)
