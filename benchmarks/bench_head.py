@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from probe_reference import fit_lbfgs_reference
 
 from fastfeat.cache import cache_attrs
 from fastfeat.cache_file import CacheWriter
@@ -44,7 +45,6 @@ from fastfeat.reporting import write_json
 from fastfeat.sources import Dataset
 from fastfeat.spec import FeatureSpec
 from fastfeat.transforms import Preprocess
-from probe_reference import fit_lbfgs_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS, TARGET_POINTS = 2.0, 0.5

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from fastfeat.head import LinearHead, evaluate, lbfgs_epoch, make_lbfgs, new_head
+from fastfeat.head import evaluate, lbfgs_epoch, make_lbfgs, new_head
+from fastfeat.model_files import LinearHead
 
 L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 

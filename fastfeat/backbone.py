@@ -322,45 +322,41 @@ def named_stages(arch: str) -> dict[str, tuple[str, ...]]:
     return next((stages for prefix, stages in STAGES.items() if arch.startswith(prefix)), {})
 
 
-def frozen_modules(model: nn.Module, arch: str, freeze: str, head: str | None = None) -> list[nn.Module]:
-    """The modules `--freeze` names: none; a named stage (and those before it); a fraction of the
-    backbone's parameters (the K-way layer at module path `head` is not part of it), first to last;
-    or comma-separated module-name prefixes."""
+def frozen_parameters(model: nn.Module, arch: str, freeze: str, head: str) -> set[str]:
+    """The parameter names `--freeze` names: none; a named stage (and those before it); the first
+    `fraction` of the backbone's parameters in registration (≈ forward) order; or comma-separated
+    module names. The K-way layer at module path `head` is not part of the backbone."""
+    backbone = [(name, p) for name, p in model.named_parameters() if not name.startswith(f"{head}.")]
     if freeze == "none":
-        return []
+        return set()
     stages = named_stages(arch)
     if freeze in stages:
-        names = [name for stage in list(stages)[: list(stages).index(freeze) + 1] for name in stages[stage]]
-        return [model.get_submodule(name) for name in names]
-    try:
-        fraction = float(freeze)
-    except ValueError:
-        return [_module(model, arch, prefix) for prefix in freeze.split(",") if prefix.strip()]
-    if not 0 < fraction <= 1:
-        raise InputError(f"--freeze {freeze}: a fraction of the backbone must be in (0, 1]")
-    return _leading_fraction(model, fraction, head)
+        modules = [name for stage in list(stages)[: list(stages).index(freeze) + 1] for name in stages[stage]]
+    else:
+        try:
+            return _leading_fraction(backbone, float(freeze), freeze)
+        except ValueError:
+            modules = [_module(model, arch, name.strip()) for name in freeze.split(",") if name.strip()]
+    return {name for name, _ in backbone if name.startswith(tuple(f"{m}." for m in modules))}
 
 
-def _module(model: nn.Module, arch: str, name: str) -> nn.Module:
+def _module(model: nn.Module, arch: str, name: str) -> str:
     try:
-        return model.get_submodule(name.strip())
+        model.get_submodule(name)
     except AttributeError:
-        raise InputError(f"--freeze {name.strip()!r}: {arch} has no such module ({freeze_help(model, arch)})") from None
+        raise InputError(f"--freeze {name!r}: {arch} has no such module ({freeze_help(model, arch)})") from None
+    return name
 
 
-def _leading_fraction(model: nn.Module, fraction: float, head: str | None = None) -> list[nn.Module]:
-    """The leaf modules holding the first `fraction` of the backbone's parameters, in registration
-    (≈ forward) order; the head (module path `head`) is neither counted nor frozen."""
-    in_head = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
-    leaves = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))
-              and not any(id(p) in in_head for p in m.parameters())]
-    budget, frozen = fraction * sum(p.numel() for p in model.parameters() if id(p) not in in_head), []
-    for module in leaves:
-        size = sum(p.numel() for p in module.parameters())
-        if size > budget:
+def _leading_fraction(backbone: list[tuple[str, nn.Parameter]], fraction: float, flag: str) -> set[str]:
+    if not 0 < fraction <= 1:
+        raise InputError(f"--freeze {flag}: a fraction of the backbone must be in (0, 1]")
+    budget, frozen = fraction * sum(p.numel() for _, p in backbone), set()
+    for name, p in backbone:
+        if p.numel() > budget:
             break
-        frozen.append(module)
-        budget -= size
+        frozen.add(name)
+        budget -= p.numel()
     return frozen
 
 

@@ -15,8 +15,8 @@ from .cache_file import FEATURE_DTYPES, CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import eval_batches, resolve_loader
-from .reporting import progress
 from .options import BackboneOptions, DataOptions, RunOptions, option
+from .reporting import progress
 from .runtime import amp_dtype, precision_name
 from .sources import Dataset, Split, open_dataset
 from .spec import FeatureSpec

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 os.environ.setdefault("DALI_NVIMGCODEC_LOG_LEVEL", "1")  # the decoder's own log: errors only
 
-import nvidia.dali.math as dmath  # noqa: E402
 import numpy as np  # noqa: E402
+import nvidia.dali.math as dmath  # noqa: E402
 import torch  # noqa: E402
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import feed_ndarray  # noqa: E402

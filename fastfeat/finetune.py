@@ -15,19 +15,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .backbone import frozen_modules
+from .backbone import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError, check_number
-from .head import LinearHead, load_head
 from .loaders import eval_batches, resolve_loader, train_batches
-from .reporting import atomic_torch_save, epoch_line, progress, read_torch_file
+from .model_files import checkpoint_spec, load_head, read_checkpoint, save_checkpoint
 from .options import BackboneOptions, DataOptions, RunOptions, option
+from .reporting import epoch_line, progress
 from .runtime import amp_dtype, autocast, precision_name, resolve_device
 from .sources import Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Augment, Preprocess
 
-CHECKPOINT_FORMAT = "fastfeat-finetune"
 SCHEDULES = ("cosine", "step", "none")
 
 
@@ -105,21 +104,8 @@ def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Modu
         head_spec.check_matches(backbone.spec, f"--init-head {opts.init_head}", "this backbone")
         if list(head_classes) != list(classes):
             raise InputError(f"--init-head {opts.init_head} has classes {head_classes}, the data has {classes}")
-        head = head_as_linear(loaded)
+        head = loaded.as_linear()
     return backbone.with_head(head), backbone.spec, backbone.classifier
-
-
-def head_as_linear(head: LinearHead) -> nn.Linear:
-    """Fold a head (optional feature standardisation + linear) into one `nn.Linear` on raw features."""
-    dim = head.fc.in_features
-    with torch.no_grad():
-        bias = head(torch.zeros(1, dim))[0]
-        weight = (head(torch.eye(dim)) - bias).T
-    linear = nn.Linear(dim, weight.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    return linear
 
 
 def make_optimizer(model: nn.Module, head_path: str, opts: FinetuneOptions) -> torch.optim.Optimizer:
@@ -173,9 +159,11 @@ class Trainer:
         self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
         model, spec, self.head_path = build_classifier(opts, classes)
         self.spec = spec.with_precision(precision_name(self.dtype))
-        self.frozen = frozen_modules(model, opts.arch, opts.freeze, self.head_path)
-        for module in self.frozen:
-            module.requires_grad_(False)
+        frozen = frozen_parameters(model, opts.arch, opts.freeze, self.head_path)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        # modules whose parameters are all frozen stay in eval mode: their BatchNorm statistics too
+        self.frozen = [m for m in model.modules() if list(m.parameters()) and not any(p.requires_grad for p in m.parameters())]
         self.model = model.to(self.device, memory_format=self.memory_format)
         wrapped = self.model
         if world.distributed:
@@ -228,7 +216,6 @@ class Trainer:
 
     def state(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -252,24 +239,12 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A fine-tune checkpoint, or a one-line error."""
-    state = read_torch_file(path, "checkpoint")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a fastfeat finetune checkpoint")
-    return state
-
-
 def _resume(trainer: Trainer, last: Path) -> None:
     state = read_checkpoint(last)
     checkpoint_spec(state, last).check_matches(trainer.spec, f"cannot resume from {last}: it", "this run's backbone")
     if state["classes"] != trainer.classes:
         raise InputError(f"cannot resume from {last}: it has classes {state['classes']}, the data has {trainer.classes}")
     trainer.load_state(state)
-
-
-def checkpoint_spec(state: dict, path: Path) -> FeatureSpec:
-    return FeatureSpec.from_attrs(state.get("spec", {}), f"checkpoint {path}")
 
 
 def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
@@ -315,9 +290,9 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
         if world.is_main:
             log(epoch_line(record["epoch"], train_loss, train_acc, valid_loss, valid_acc, seconds))
             state = trainer.state()
-            atomic_torch_save(state, last)
+            save_checkpoint(state, last)
             if is_best:
-                atomic_torch_save(state, best)
+                save_checkpoint(state, best)
         barrier(world)
     return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size)
 

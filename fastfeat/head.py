@@ -28,12 +28,12 @@ from torch import nn
 from .backbone import DEFAULT_ARCH
 from .cache_file import read_cache
 from .errors import FastfeatError, InputError, check_number
-from .reporting import atomic_torch_save, epoch_line, read_torch_file
+from .model_files import LinearHead, save_head
 from .options import option
+from .reporting import epoch_line
 from .runtime import resolve_device
 from .spec import FeatureSpec
 
-HEAD_FORMAT = "fastfeat-head"
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
 ADAMW_WEIGHT_DECAY = 0.5
@@ -105,7 +105,7 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     start = time.perf_counter()
     head, history = fit_head(*tensors, len(classes), opts, log)
     seconds = time.perf_counter() - start
-    save_head(out, head, classes, spec, opts)
+    save_head(out, head, classes, spec, asdict(opts), opts.standardize)
     return HeadResult(out, seconds, str(device), asdict(opts), history)
 
 
@@ -169,23 +169,6 @@ def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, 
 def default_out(cache: str | Path) -> Path:
     """`<cache stem>.head.pt` beside the cache."""
     return Path(cache).with_suffix(".head.pt")
-
-
-class LinearHead(nn.Module):
-    """`fc` on standardised features, fc((x - mean) / std), computed as one linear map of raw x
-    (no standardised copy of the data is ever made); mean 0 and std 1 when not standardising."""
-
-    def __init__(self, dim: int, num_classes: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
-        super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.fc.weight)  # the problem is convex: no random init needed
-        nn.init.zeros_(self.fc.bias)
-        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.detach().float().clone())
-        self.register_buffer("std", torch.ones(dim) if std is None else std.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.fc.weight / self.std
-        return F.linear(x, weight, self.fc.bias - weight @ self.mean)
 
 
 def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,31 +263,3 @@ def lbfgs_epoch(optimizer: torch.optim.LBFGS, head: LinearHead, x: torch.Tensor,
         return loss
 
     optimizer.step(closure)
-
-
-def save_head(out: Path, head: LinearHead, classes: list[str], spec: FeatureSpec, opts: HeadOptions) -> None:
-    """torch.save the head atomically, with the spec of the features it was trained on."""
-    atomic_torch_save({
-        "format": HEAD_FORMAT,
-        "state_dict": {k: v.cpu() for k, v in head.fc.state_dict().items()},
-        "classes": list(classes),
-        "standardize": {"mean": head.mean.cpu(), "std": head.std.cpu()} if opts.standardize else None,
-        "spec": spec.to_attrs(),
-        "options": asdict(opts),
-    }, out)
-
-
-def load_head(path: str | Path) -> tuple[LinearHead, list[str], FeatureSpec]:
-    """A saved head as (CPU module mapping raw features to logits, classes, spec of those features)."""
-    state = read_torch_file(path, "head file")
-    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
-        raise InputError(f"{path} is not a fastfeat head (made by fastfeat train-head)")
-    spec = FeatureSpec.from_attrs(state.get("spec") or state.get("cache_attrs") or {}, f"head file {path}")
-    try:
-        head = LinearHead(spec.feature_dim, len(state["classes"]))
-        stats = state["standardize"] or {"mean": head.mean, "std": head.std}
-        weights = {f"fc.{k}": v for k, v in state["state_dict"].items()}
-        head.load_state_dict({"mean": stats["mean"], "std": stats["std"], **weights})  # checks every shape
-        return head.eval(), list(state["classes"]), spec
-    except (KeyError, TypeError, AttributeError, RuntimeError):
-        raise InputError(f"{path} is a damaged fastfeat head (missing or misshapen entries)") from None

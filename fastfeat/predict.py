@@ -9,10 +9,8 @@ from torch import nn
 
 from .backbone import build_backbone, rebuild_backbone
 from .errors import InputError
-from .finetune import CHECKPOINT_FORMAT, checkpoint_spec
-from .head import HEAD_FORMAT, load_head
 from .loaders import eval_batches, resolve_loader
-from .reporting import read_torch_file
+from .model_files import CHECKPOINT_FORMAT, checkpoint_spec, head_from_state, read_model_file
 from .runtime import amp_dtype, autocast, resolve_device
 from .sources import open_dataset
 from .torch_loader import decode_file
@@ -31,9 +29,8 @@ class Classifier:
 def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
     """Load a `fastfeat finetune` checkpoint or a `fastfeat train-head` head as a full classifier; a
     head's backbone is rebuilt from the weights its features came from (or `weights`, that FILE)."""
-    state = read_torch_file(path, "model file")
-    fmt = state.get("format") if isinstance(state, dict) else None
-    if fmt == CHECKPOINT_FORMAT:
+    state = read_model_file(path)
+    if state["format"] == CHECKPOINT_FORMAT:
         if weights is not None:
             raise InputError(f"--weights applies to heads only: the checkpoint {path} holds its own backbone weights")
         spec, classes = checkpoint_spec(state, Path(path)), list(state.get("classes", []))
@@ -42,11 +39,9 @@ def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
             model.load_state_dict(state["model"])
         except (KeyError, RuntimeError):
             raise InputError(f"{path} is a damaged fastfeat checkpoint (missing or misshapen weights)") from None
-    elif fmt == HEAD_FORMAT:
-        head, classes, spec = load_head(path)
-        model = nn.Sequential(rebuild_backbone(spec, weights).model, head)
     else:
-        raise InputError(f"{path} is neither a fastfeat finetune checkpoint nor a fastfeat head")
+        head, classes, spec = head_from_state(state, path)
+        model = nn.Sequential(rebuild_backbone(spec, weights).model, head)
     return Classifier(model.eval(), list(classes), spec.pre)
 
 

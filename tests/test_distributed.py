@@ -12,7 +12,8 @@ from conftest import make_folder
 
 from fastfeat.cache_file import shard_path
 from fastfeat.distributed import World, shard_range
-from fastfeat.finetune import epoch_order, read_checkpoint
+from fastfeat.finetune import epoch_order
+from fastfeat.model_files import read_checkpoint
 from fastfeat.runtime import MAX_LOADER_WORKERS, loader_workers
 
 SMALL = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--no-progress"]

@@ -10,8 +10,9 @@ from conftest import MEAN, STD
 
 from fastfeat.cli import main
 from fastfeat.errors import InputError
-from fastfeat.finetune import FinetuneOptions, Trainer, finetune, read_checkpoint
+from fastfeat.finetune import FinetuneOptions, Trainer, finetune
 from fastfeat.loaders import dali_available, eval_batches, train_batches
+from fastfeat.model_files import read_checkpoint
 from fastfeat.predict import Predictor, load_classifier
 from fastfeat.sources import Split, open_dataset
 from fastfeat.transforms import Augment, Preprocess
@@ -168,8 +169,7 @@ def test_out_of_memory_suggests_a_smaller_batch(learnable, tmp_path, monkeypatch
 
 
 def test_folded_head_gives_the_heads_logits():
-    from fastfeat.finetune import head_as_linear
-    from fastfeat.head import LinearHead
+    from fastfeat.model_files import LinearHead
 
     torch.manual_seed(0)
     head = LinearHead(300, 3, mean=torch.randn(300), std=torch.rand(300) + 0.5)  # any feature size
@@ -177,7 +177,7 @@ def test_folded_head_gives_the_heads_logits():
     torch.nn.init.normal_(head.fc.bias)
     x = torch.randn(8, 300)
     expected = head.fc((x - head.mean) / head.std)  # the head's definition, written out
-    assert torch.allclose(head_as_linear(head)(x), expected, atol=1e-4)
+    assert torch.allclose(head.as_linear()(x), expected, atol=1e-4)
 
 
 def test_compiled_training_step_matches_eager(learnable, tmp_path):

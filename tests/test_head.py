@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import separable, write_cache
 from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
-from fastfeat.finetune import FinetuneOptions, build_classifier, head_as_linear
-from fastfeat.head import HeadOptions, fit_head, load_features, load_head, train_head
+from fastfeat.finetune import FinetuneOptions, build_classifier
+from fastfeat.head import HeadOptions, fit_head, load_features, train_head
+from fastfeat.model_files import load_head
 from fastfeat.transforms import Preprocess
 
 # The first lines the original recipe printed (its reference output), to check our format against.
@@ -126,7 +126,7 @@ def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
     with torch.no_grad():
         logits = head(test_x)
         assert torch.equal(logits, trained(test_x))
-        assert torch.allclose(head_as_linear(head)(test_x), logits, atol=1e-3)  # what finetune --init-head uses
+        assert torch.allclose(head.as_linear()(test_x), logits, atol=1e-3)  # what finetune --init-head uses
     assert (logits.argmax(1) == test_y).float().mean().item() == result.final_valid_acc
     assert loaded_classes == classes and len(classes) == 10
     assert head_spec == spec and spec == FeatureSpec.from_attrs(read_cache(sample_cache).attrs)
@@ -141,7 +141,7 @@ def test_head_initialises_finetune_and_predicts_images(sample, sample_cache, wei
     head, classes, _ = load_head(result.out)
     same = FinetuneOptions(data=str(sample), weights=str(weights_file), image_size=64, resize=73, init_head=str(result.out))
     model, _, _ = build_classifier(same, classes)
-    assert torch.allclose(model.fc.weight, head_as_linear(head).weight)
+    assert torch.allclose(model.fc.weight, head.as_linear().weight)
     with pytest.raises(InputError, match="image_size 64 vs 224"):
         build_classifier(FinetuneOptions(**{**same.__dict__, "image_size": 224, "resize": 256}), classes)
     predictor = Predictor(load_classifier(result.out, str(weights_file)), device="cpu")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
 from conftest import make_cifar, make_folder, separable, write_cache
 
 from fastfeat.backbone import build_backbone
