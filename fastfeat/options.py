@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .backbone import DEFAULT_ARCH, Backbone, build_backbone, preprocess_for
@@ -18,10 +18,9 @@ from .runtime import AMP_DTYPES
 from .transforms import INTERPOLATIONS, Preprocess
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, group: str = "options",
-           parse: typing.Callable[[str], Any] | None = None) -> Any:
+def option(default: Any, help: str, *, choices: tuple | None = None, group: str = "options") -> Any:
     """A dataclass field that is also a command-line flag (`--field-name`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "parse": parse})
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
 def finite_float(text: str) -> float:
@@ -52,22 +51,19 @@ def cli_fields(cls) -> list:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def add_options(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = ()) -> None:
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per option field of `cls`, in declaration order, grouped as declared."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in cli_fields(cls):
-        if f.name in exclude:
-            continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        default = None if f.default is MISSING else f.default
         if hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            group.add_argument(flag, type=meta["parse"] or _parser_for(hints[f.name]), default=default,
-                               choices=meta["choices"], help=meta["help"], required=f.default is MISSING)
+            group.add_argument(flag, type=_parser_for(hints[f.name]), default=f.default, choices=meta["choices"],
+                               help=meta["help"])
 
 
 def from_args(cls, args: argparse.Namespace):
