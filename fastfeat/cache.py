@@ -18,7 +18,7 @@ from .loaders import eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import amp_dtype, precision_name
-from .sources import Dataset, Split, open_dataset
+from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
 
@@ -64,7 +64,7 @@ class CacheResult:
 
 def default_cache_path(dataset: Dataset, arch: str) -> Path:
     """data/<dataset>-<arch>.h5: caches of several backbones side by side."""
-    name = "cifar10" if dataset.kind == "cifar10" else dataset.root.resolve().name
+    name = dataset.kind if dataset.kind in CIFAR_LAYOUTS else dataset.root.resolve().name
     return Path("data") / f"{name}-{arch.replace(':', '-')}.h5"
 
 

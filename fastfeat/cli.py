@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache import CacheOptions
     from .finetune import FinetuneOptions
     from .head import HeadOptions
+    from .knn import KnnOptions
 
     parser = _Parser(prog="fastfeat", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                            HeadOptions))
     _metrics_flag(_command(sub, "finetune", "fine-tune the whole network on augmented batches (AMP)", run_finetune,
                            FinetuneOptions))
+    _metrics_flag(_command(sub, "knn", "weighted k-nearest-neighbour accuracy on a feature cache (DINO's protocol)",
+                           run_knn, KnnOptions))
 
     pr = _command(sub, "predict", "classify images with a fine-tuned checkpoint or a head", run_predict)
     pr.add_argument("images", nargs="*", help="image files")
@@ -100,8 +103,22 @@ def run_train_head(args: argparse.Namespace) -> None:
 
     _check_writable(args.metrics)
     result = train_head(from_args(HeadOptions, args))
+    validated = (f"on {args.val_fraction:g} of train held out" if result.validation == "holdout"
+                 else "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
     print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
-          f"(best {result.best_valid_acc:.4f}) -> {result.out}")
+          f"(best {result.best_valid_acc:.4f}, {validated}); test acc {result.test['top1']:.4f}, "
+          f"evaluated once -> {result.out}")
+    if args.metrics:
+        write_json(args.metrics, result.metrics())
+
+
+def run_knn(args: argparse.Namespace) -> None:
+    from .knn import KnnOptions, knn_evaluate
+
+    _check_writable(args.metrics)
+    result = knn_evaluate(from_args(KnnOptions, args))
+    print("\n".join(result.table()))
+    print(result.summary())
     if args.metrics:
         write_json(args.metrics, result.metrics())
 

@@ -32,6 +32,7 @@ from .model_files import LinearHead, save_head
 from .options import option
 from .reporting import epoch_line
 from .runtime import resolve_device
+from .sources import stratified_holdout
 from .spec import FeatureSpec
 
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
@@ -57,20 +58,26 @@ class HeadOptions:
                                               "0.5 decoupled for adamw)")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     standardize: bool = option(True, "standardise features with the train split's mean and std")
-    seed: int = option(0, "shuffles")
+    val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
+                                      "epoch; test is evaluated once, at the end. 0: validate on test every epoch "
+                                      "(the recipe's protocol: any choice made from it is made on test)")
+    seed: int = option(0, "shuffles and the validation split")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class HeadResult:
     """Where the head went, seconds spent training (not loading or saving), the options with their
-    defaults filled in, and the per-epoch history."""
+    defaults filled in, the per-epoch history (validation), what was validated on, and the test split's
+    loss and top-1 accuracy, evaluated once with the final head."""
 
     out: Path
     seconds: float
     device: str
     options: dict
     history: list[dict] = field(default_factory=list)
+    validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
+    test: dict = field(default_factory=dict)
 
     @property
     def best_valid_acc(self) -> float:
@@ -86,6 +93,8 @@ class HeadResult:
             "epochs": self.history,
             "best_valid_acc": self.best_valid_acc,
             "final_valid_acc": self.final_valid_acc,
+            "validation": self.validation,
+            "test": self.test,
             "seconds": round(self.seconds, 3),
             "device": self.device,
             "options": self.options,
@@ -94,19 +103,37 @@ class HeadResult:
 
 
 def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
-    """Train the head on the cache's train split, validating on its test split every epoch, and save it."""
+    """Train the head on the cache's train split less a validation holdout (the epoch lines' "Valid"),
+    evaluate the test split once with the final head, and save it. With `val_fraction` 0 the epoch
+    lines validate on test, as the original recipe did."""
     check_options(opts)
     device = resolve_device(opts.device)
-    spec, classes, tensors = load_features(opts.cache, device)
-    opts = with_defaults(opts, len(tensors[1]))
+    spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
+    opts = with_defaults(opts, len(fit_y))
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
     start = time.perf_counter()
-    head, history = fit_head(*tensors, len(classes), opts, log)
+    head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log)
     seconds = time.perf_counter() - start
+    test_loss, test_acc = evaluate(head, test_x, test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
-    return HeadResult(out, seconds, str(device), asdict(opts), history)
+    validation = "holdout" if opts.val_fraction > 0 else "test"
+    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, {"loss": test_loss, "top1": test_acc})
+
+
+def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+            fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fit_x, fit_y, val_x, val_y): a class-stratified, seeded `fraction` of train held out to validate
+    on; with fraction 0, all of train to fit and the test split to validate on (the recipe's protocol)."""
+    if fraction == 0:
+        return train_x, train_y, test_x, test_y
+    fit, val = (torch.from_numpy(rows).to(train_x.device)
+                for rows in stratified_holdout(train_y.cpu().numpy(), fraction, seed))
+    if len(val) == 0:
+        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train_y)}: raise it, or pass 0")
+    return train_x[fit], train_y[fit], train_x[val], train_y[val]
 
 
 def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -140,6 +167,7 @@ def check_options(opts: HeadOptions) -> None:
     if opts.weight_decay is not None:
         check_number("--weight-decay", opts.weight_decay)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
+    check_number("--val-fraction", opts.val_fraction, high=1.0)
 
 
 def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:

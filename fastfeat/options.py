@@ -15,6 +15,7 @@ from typing import Any
 from .backbone import DEFAULT_ARCH, Backbone, build_backbone, preprocess_for
 from .loaders import LOADERS
 from .runtime import AMP_DTYPES
+from .sources import DATASET_KINDS
 from .transforms import INTERPOLATIONS, Preprocess
 
 
@@ -34,17 +35,24 @@ def finite_float(text: str) -> float:
     return value
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-PARSERS = {int: int, float: finite_float, str: str, tuple: comma_list}
+PARSERS = {int: int, float: finite_float, str: str}
 
 
 def _parser_for(hint) -> typing.Callable[[str], Any]:
-    """`int`, `float | None`, `tuple[str, ...]`: the argparse type of a field's annotation."""
-    kinds = [typing.get_origin(arg) or arg for arg in typing.get_args(hint)] or [typing.get_origin(hint) or hint]
-    return next(PARSERS[kind] for kind in kinds if kind in PARSERS)
+    """The argparse type of a field's annotation: `int`, `float | None`, or a comma-separated list
+    for `tuple[str, ...]` and `tuple[int, ...]`."""
+    if typing.get_origin(hint) is tuple:
+        return _comma_list(_parser_for(typing.get_args(hint)[0]))
+    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    return PARSERS[kinds[0]]
+
+
+def _comma_list(item: typing.Callable[[str], Any]) -> typing.Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+
+    parse.__name__ = f"comma-separated {item.__name__}"  # argparse names it in "invalid ... value"
+    return parse
 
 
 def cli_fields(cls) -> list:
@@ -85,10 +93,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 @dataclass
 class DataOptions:
-    data: str = option("data", "dataset directory: cifar-10-batches-py/, or train/ and test/ (or val/) class folders",
-                       group="data")
-    dataset: str = option("auto", "dataset layout", choices=("auto", "cifar10", "folder"), group="data")
-    download: bool = option(False, "download CIFAR-10 into --data first", group="data")
+    data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, or train/ and test/ "
+                               "(or val/) class folders", group="data")
+    dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels)",
+                          choices=DATASET_KINDS, group="data")
+    download: bool = option(False, "download CIFAR-10 (CIFAR-100 with --dataset cifar100) into --data first",
+                            group="data")
     limit: int | None = option(None, "at most N images per split: a class-balanced subset drawn with --seed, "
                                      "kept in dataset order", group="data")
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",

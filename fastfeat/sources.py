@@ -1,4 +1,4 @@
-"""Data sources: CIFAR-10 python pickles and image class folders, as ordered splits.
+"""Data sources: CIFAR-10 and CIFAR-100 python pickles and image class folders, as ordered splits.
 
 A split is either an in-memory uint8 array (N, H, W, 3) or a list of image files; its rows keep
 the dataset's order (CIFAR: batch-file order; folders: sorted class, then sorted file name), so
@@ -16,9 +16,36 @@ import numpy as np
 from .errors import InputError, refused_pickle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-CIFAR_DIR = "cifar-10-batches-py"
-CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 FOLDER_SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """One official CIFAR python release: its folder, pickles and keys (read by `read_cifar`)."""
+
+    kind: str  # the --dataset name
+    title: str  # what error lines call it
+    dir: str
+    files: dict[str, tuple[str, ...]]  # split -> its pickles, in row order
+    meta: str  # the pickle holding the class names
+    label_key: bytes
+    names_key: bytes
+    contents: str  # what the folder holds, for the download error line
+    torchvision: str  # the torchvision.datasets class that knows the download url and md5
+
+
+CIFAR_LAYOUTS = {layout.kind: layout for layout in (
+    CifarLayout("cifar10", "CIFAR-10", "cifar-10-batches-py",
+                {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+                "batches.meta", b"labels", b"label_names", "data_batch_1..5 and test_batch", "CIFAR10"),
+    # CIFAR-100: the 100 fine labels (the 20 coarse superclasses are left out)
+    CifarLayout("cifar100", "CIFAR-100", "cifar-100-python", {"train": ("train",), "test": ("test",)},
+                "meta", b"fine_labels", b"fine_label_names", "train, test and meta", "CIFAR100"),
+)}
+CIFAR10 = CIFAR_LAYOUTS["cifar10"]
+CIFAR_DIR = CIFAR10.dir
+CIFAR_FILES = {split: list(files) for split, files in CIFAR10.files.items()}
+DATASET_KINDS = ("auto", *CIFAR_LAYOUTS, "folder")
 
 
 @dataclass(frozen=True)
@@ -46,7 +73,7 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    kind: str  # "cifar10" or "folder"
+    kind: str  # "cifar10", "cifar100" or "folder"
     root: Path
     classes: tuple[str, ...]
     splits: dict[str, Split]
@@ -72,29 +99,30 @@ def open_dataset(
     download: bool = False,
     seed: int = 0,
 ) -> Dataset:
-    """Open `root` as CIFAR-10 (`root/cifar-10-batches-py`) or an image folder tree; `limit` keeps
-    a class-balanced subset of at most that many rows per split (see `balanced_rows`)."""
+    """Open `root` as CIFAR-10 (`root/cifar-10-batches-py`), CIFAR-100 (`root/cifar-100-python`) or an
+    image folder tree; `limit` keeps a class-balanced subset of at most that many rows per split (see
+    `balanced_rows`). `download` fetches CIFAR-100 for kind "cifar100", CIFAR-10 otherwise."""
     root = Path(root)
     unknown = set(splits) - set(CIFAR_FILES)
     if unknown or not splits:
         raise InputError(f"unknown split(s) {sorted(unknown)}: choose from train,test")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
+    if kind not in DATASET_KINDS:
+        raise InputError(f"unknown dataset kind {kind!r}: choose {', '.join(DATASET_KINDS[:-1])} or folder")
     if download:
         if kind == "folder":
-            raise InputError("--download only applies to CIFAR-10 (--dataset cifar10)")
-        download_cifar10(root)
-        kind = "cifar10"
+            raise InputError("--download only applies to CIFAR-10 and CIFAR-100 (--dataset cifar10 or cifar100)")
+        kind = "cifar10" if kind == "auto" else kind
+        download_cifar(root, CIFAR_LAYOUTS[kind])
     if not root.is_dir():
         raise InputError(f"data directory {root} does not exist (use --download for CIFAR-10)")
     if kind == "auto":
         kind = detect_kind(root)
-    if kind == "cifar10":
-        dataset = read_cifar10(root, splits)
-    elif kind == "folder":
+    if kind == "folder":
         dataset = read_folder(root, splits)
     else:
-        raise InputError(f"unknown dataset kind {kind!r}: choose auto, cifar10 or folder")
+        dataset = read_cifar(root, splits, CIFAR_LAYOUTS[kind])
     if limit is not None:
         if limit < len(dataset.classes):
             raise InputError(f"--limit {limit} is smaller than the {len(dataset.classes)} classes: "
@@ -116,39 +144,65 @@ def balanced_rows(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
     quota = np.minimum(counts, level)
     open_classes = np.flatnonzero(counts > level)
     quota[rng.permutation(open_classes)[: budget - quota.sum()]] += 1
-    shuffled = rng.permutation(len(labels))
-    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]  # each class's rows in a seeded order
-    rank = np.arange(len(labels)) - np.searchsorted(labels[by_class], labels[by_class])
+    by_class, rank = _seeded_class_order(labels, rng)
     return np.sort(by_class[rank < quota[labels[by_class]]])
 
 
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows), each sorted: `fraction` of every class held out (rounded; at least
+    one row of each class that has two or more, never a class's last row), drawn with `seed`."""
+    counts = np.bincount(labels)
+    held = np.clip(np.round(fraction * counts), 1 if fraction > 0 else 0, np.maximum(counts - 1, 0)).astype(np.int64)
+    by_class, rank = _seeded_class_order(labels, np.random.default_rng(seed))
+    out = rank < held[labels[by_class]]
+    return np.sort(by_class[~out]), np.sort(by_class[out])
+
+
+def _seeded_class_order(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Every row grouped by class, in a seeded order within its class, and its rank there."""
+    shuffled = rng.permutation(len(labels))
+    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    return by_class, np.arange(len(labels)) - np.searchsorted(labels[by_class], labels[by_class])
+
+
 def detect_kind(root: Path) -> str:
-    if (root / CIFAR_DIR).is_dir():
-        return "cifar10"
+    """The layout `root` holds: a CIFAR release folder, else class folders; both CIFARs is ambiguous."""
+    found = [layout for layout in CIFAR_LAYOUTS.values() if (root / layout.dir).is_dir()]
+    if len(found) > 1:
+        raise InputError(f"{root} holds both {' and '.join(f'{f.dir}/' for f in found)}: pass "
+                         f"{' or '.join(f'--dataset {f.kind}' for f in found)} to say which")
+    if found:
+        return found[0].kind
     if (root / "train").is_dir() or (root / "test").is_dir() or (root / "val").is_dir():
         return "folder"
     raise InputError(
-        f"{root} has neither {CIFAR_DIR}/ nor train/ and test/ class folders "
-        "(use --download for CIFAR-10, or --dataset to say which layout)"
+        f"{root} has neither a CIFAR release ({' or '.join(f'{f.dir}/' for f in CIFAR_LAYOUTS.values())}) nor "
+        "train/ and test/ class folders (use --download for CIFAR-10, or --dataset to say which layout)"
     )
+
+
+def download_cifar(root: Path, layout: CifarLayout) -> None:
+    """Fetch and unpack an official CIFAR python release into `root` with torchvision."""
+    if (root / layout.dir).is_dir():
+        return
+    import torchvision.datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    release = getattr(torchvision.datasets, layout.torchvision)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(release.url, str(root), filename=release.filename, md5=release.tgz_md5)
+    except Exception as exc:  # network errors come in many types (URLError, HTTPError, OSError, ...)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"could not download {layout.title} ({reason}); download {release.url} elsewhere and "
+            f"unpack it so that {root / layout.dir}/ holds {layout.contents}"
+        ) from None
 
 
 def download_cifar10(root: Path) -> None:
     """Fetch and unpack the official CIFAR-10 python release into `root` with torchvision."""
-    if (root / CIFAR_DIR).is_dir():
-        return
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
-    except Exception as exc:  # network errors come in many types (URLError, HTTPError, OSError, ...)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(
-            f"could not download CIFAR-10 ({reason}); download {CIFAR10.url} elsewhere and "
-            f"unpack it so that {root / CIFAR_DIR}/ holds data_batch_1..5 and test_batch"
-        ) from None
+    download_cifar(root, CIFAR10)
 
 
 # What the official batches (python 2 pickles), and numpy arrays pickled by python 3 with any protocol,
@@ -174,40 +228,46 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, title: str = CIFAR10.title) -> dict:
+    """A CIFAR pickle (`title` names the release in error lines) through the restricted unpickler."""
     try:
         with path.open("rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
-        raise InputError(f"missing CIFAR-10 file {path}") from None
+        raise InputError(f"missing {title} file {path}") from None
     except _RefusedGlobal as exc:
-        raise refused_pickle("CIFAR-10 file", path, "numpy arrays and plain values", str(exc)) from None
+        raise refused_pickle(f"{title} file", path, "numpy arrays and plain values", str(exc)) from None
     except Exception as exc:
-        raise InputError(f"unreadable CIFAR-10 file {path}: {exc}") from None
+        raise InputError(f"unreadable {title} file {path}: {exc}") from None
     if not isinstance(batch, dict):
-        raise InputError(f"{path} is not a CIFAR-10 python batch (a dict)")
+        raise InputError(f"{path} is not a {title} python batch (a dict)")
     return batch
 
 
-def read_cifar10(root: Path, splits: tuple[str, ...]) -> Dataset:
-    """Read the official pickles straight into (N, 32, 32, 3) uint8 arrays, in batch-file order."""
-    base = root / CIFAR_DIR
-    meta = _unpickle(base / "batches.meta")
+def read_cifar(root: Path, splits: tuple[str, ...], layout: CifarLayout) -> Dataset:
+    """Read an official CIFAR release's pickles straight into (N, 32, 32, 3) uint8 arrays, in file order."""
+    base = root / layout.dir
+    meta = _unpickle(base / layout.meta, layout.title)
     try:
-        classes = tuple(name.decode() for name in meta[b"label_names"])
+        classes = tuple(name.decode() for name in meta[layout.names_key])
     except (KeyError, AttributeError, TypeError):
-        raise InputError(f"{base / 'batches.meta'} has no CIFAR-10 class names (b'label_names')") from None
+        raise InputError(f"{base / layout.meta} has no {layout.title} class names ({layout.names_key!r})") from None
     out = {}
     for split in splits:
-        batches = [_unpickle(base / name) for name in CIFAR_FILES[split]]
+        batches = [_unpickle(base / name, layout.title) for name in layout.files[split]]
         try:
             data = np.concatenate([b[b"data"] for b in batches])
-            labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+            labels = np.concatenate([np.asarray(b[layout.label_key], dtype=np.int64) for b in batches])
             images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         except (KeyError, ValueError) as exc:
-            raise InputError(f"{base} does not hold CIFAR-10 python batches ({exc})") from None
+            raise InputError(f"{base} does not hold {layout.title} python batches ({exc})") from None
         out[split] = Split(split, labels, images=images)
-    return Dataset("cifar10", root, classes, out)
+    return Dataset(layout.kind, root, classes, out)
+
+
+def read_cifar10(root: Path, splits: tuple[str, ...]) -> Dataset:
+    """Read the official CIFAR-10 pickles (see `read_cifar`)."""
+    return read_cifar(root, splits, CIFAR10)
 
 
 def read_folder(root: Path, splits: tuple[str, ...]) -> Dataset:

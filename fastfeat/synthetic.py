@@ -1,4 +1,4 @@
-"""Generated CIFAR-like images, written in CIFAR-10's python layout and as image class folders.
+"""Generated CIFAR-like images, written in CIFAR-10's (or CIFAR-100's) python layout and as image class folders.
 
 Tests and benchmarks must run on a machine with no dataset and no network, so they generate one:
 smooth, textured 32x32 images whose class shows in a base colour and an oriented stripe texture
@@ -24,6 +24,7 @@ from PIL import Image
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_DIR = "cifar-10-batches-py"
+CIFAR100_DIR = "cifar-100-python"
 TRAIN_BATCHES = 5
 CIFAR_SIZE = 32
 _CLASS_SEED = 20240229  # class appearance depends only on the number of classes, never on `seed`
@@ -170,29 +171,65 @@ def write_folder(root: str | Path, train: ImageSet, test: ImageSet, classes: Seq
     return decoded[0], decoded[1]
 
 
+def _cifar_base(root: str | Path, folder: str, title: str, *sets: ImageSet) -> Path:
+    """`root/folder`, created, once every set is checked to hold 32x32 RGB images."""
+    for images in sets:
+        if images.images.shape[1:] != (CIFAR_SIZE, CIFAR_SIZE, 3):
+            raise ValueError(f"the {title} layout holds 32x32 RGB images, got {images.images.shape[1:]}")
+    base = Path(root) / folder
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def _cifar_batch(images: ImageSet, rows: np.ndarray, batch_label: str, labels: dict[bytes, np.ndarray]) -> dict:
+    """One official batch dict of `rows` of `images`: `labels` maps each label key to every row's label;
+    `data` is (N, 3072) uint8, the red, then green, then blue 32x32 planes row-major."""
+    return {
+        b"batch_label": batch_label.encode(),
+        **{key: values[rows].tolist() for key, values in labels.items()},
+        b"data": np.ascontiguousarray(images.images[rows].transpose(0, 3, 1, 2).reshape(len(rows), -1)),
+        b"filenames": [images.names[i].encode() for i in rows.tolist()],
+    }
+
+
+def _write_pickle(path: Path, value: dict) -> None:
+    """A protocol-2 pickle, like the official (python 2) release files."""
+    path.write_bytes(pickle.dumps(value, protocol=2))
+
+
 def write_cifar10(root: str | Path, train: ImageSet, test: ImageSet, classes: Sequence[str]) -> Path:
     """Write `root/cifar-10-batches-py/` in the official python layout: `data_batch_1..5` (train rows
     split evenly, in order), `test_batch` and `batches.meta`, protocol-2 pickles of dicts with bytes
     keys; `data` is (N, 3072) uint8, the red, then green, then blue 32x32 planes row-major."""
-    base = Path(root) / CIFAR_DIR
-    base.mkdir(parents=True, exist_ok=True)
-    for images in (train, test):
-        if images.images.shape[1:] != (CIFAR_SIZE, CIFAR_SIZE, 3):
-            raise ValueError(f"the CIFAR-10 layout holds 32x32 RGB images, got {images.images.shape[1:]}")
+    base = _cifar_base(root, CIFAR_DIR, "CIFAR-10", train, test)
     batches = {f"data_batch_{i + 1}": rows for i, rows in enumerate(np.array_split(np.arange(len(train)), TRAIN_BATCHES))}
     files = [(name, train, rows, f"training batch {i + 1} of {TRAIN_BATCHES}") for i, (name, rows) in enumerate(batches.items())]
     files.append(("test_batch", test, np.arange(len(test)), "testing batch 1 of 1"))
     for name, images, rows, label in files:
-        batch = {
-            b"batch_label": label.encode(),
-            b"labels": images.labels[rows].tolist(),
-            b"data": np.ascontiguousarray(images.images[rows].transpose(0, 3, 1, 2).reshape(len(rows), -1)),
-            b"filenames": [images.names[i].encode() for i in rows.tolist()],
-        }
-        (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+        _write_pickle(base / name, _cifar_batch(images, rows, label, {b"labels": images.labels}))
     meta = {b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": math.ceil(len(train) / TRAIN_BATCHES),
             b"num_vis": 3 * CIFAR_SIZE * CIFAR_SIZE}
-    (base / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    _write_pickle(base / "batches.meta", meta)
+    return base
+
+
+def write_cifar100(root: str | Path, train: ImageSet, test: ImageSet, classes: Sequence[str],
+                   coarse: Sequence[int] | None = None, coarse_classes: Sequence[str] | None = None) -> Path:
+    """Write `root/cifar-100-python/` in the official python layout: `train`, `test` (rows in order) and
+    `meta`, protocol-2 pickles like CIFAR-10's, with `fine_labels` (the images' labels, naming `classes`)
+    and `coarse_labels` (`coarse[fine]`, default fine // 5: 20 superclasses of 5 for 100 classes) in
+    place of `labels`; `meta` holds `fine_label_names` and `coarse_label_names` (default "superclassNN")."""
+    coarse = np.asarray([i // 5 for i in range(len(classes))] if coarse is None else coarse, dtype=np.int64)
+    if len(coarse) != len(classes):
+        raise ValueError(f"coarse has {len(coarse)} entries for {len(classes)} classes")
+    if coarse_classes is None:
+        coarse_classes = [f"superclass{j:02d}" for j in range(int(coarse.max()) + 1)]
+    base = _cifar_base(root, CIFAR100_DIR, "CIFAR-100", train, test)
+    for name, images, label in (("train", train, "training batch 1 of 1"), ("test", test, "testing batch 1 of 1")):
+        labels = {b"fine_labels": images.labels, b"coarse_labels": coarse[images.labels]}
+        _write_pickle(base / name, _cifar_batch(images, np.arange(len(images)), label, labels))
+    _write_pickle(base / "meta", {b"fine_label_names": [c.encode() for c in classes],
+                                  b"coarse_label_names": [c.encode() for c in coarse_classes]})
     return base
 
 

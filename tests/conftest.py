@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastfeat.cache import cache_attrs
 from fastfeat.cache_file import CacheWriter
+from fastfeat.cli import main
 from fastfeat.sources import Dataset
 from fastfeat.spec import FeatureSpec
 from fastfeat.synthetic import write_sample
@@ -119,3 +120,13 @@ def separable(n: int, rng: np.random.Generator, k: int = len(CLASSES)) -> tuple[
     for c in range(k):
         x[y == c, 8 * c : 8 * c + 8] += 4.0
     return x.astype(np.float16), y
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """Run the CLI in-process: exit code, stdout and the non-empty stderr lines."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]

@@ -33,9 +33,10 @@ from fastfeat.cache_file import CacheWriter
 from fastfeat.cli import build_parser, main
 from fastfeat.finetune import Trainer
 from fastfeat.head import train_head
+from fastfeat.knn import KnnOptions
 from fastfeat.loaders import dali_available, eval_batches
 from fastfeat.model_files import HEAD_FORMAT, load_head
-from fastfeat.options import cli_fields
+from fastfeat.options import cli_fields, from_args
 from fastfeat.predict import Predictor, load_classifier
 from fastfeat.sources import open_dataset
 
@@ -518,7 +519,13 @@ def test_models_table_has_a_header_and_a_row_per_arch(models_rows, capsys, monke
 
 # ---- 7. options defined once ----------------------------------------------------------------------------------
 
-COMMANDS = [("cache", CacheOptions), ("train-head", HeadOptions), ("finetune", FinetuneOptions)]
+COMMANDS = [("cache", CacheOptions), ("train-head", HeadOptions), ("finetune", FinetuneOptions), ("knn", KnnOptions)]
+
+
+def test_comma_separated_options_parse_to_tuples():
+    args = build_parser().parse_args(["cache", "--splits", "test, train"])
+    assert args.splits == ("test", "train") and from_args(CacheOptions, args).splits == ("test", "train")
+    assert build_parser().parse_args(["knn", "--k", "5,50"]).k == (5, 50)
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:

@@ -16,26 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_cifar, make_folder, separable, write_cache
+from conftest import make_cifar, make_folder, run, separable, write_cache
 
 from fastfeat.backbone import build_backbone
-from fastfeat.cli import main
 from fastfeat.errors import FastfeatError, InputError
 from fastfeat.finetune import FinetuneOptions, finetune
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.sources import balanced_rows, open_dataset
 
 TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch"]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
-    """Run the CLI in-process: exit code, stdout and the non-empty stderr lines."""
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse's usage errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def one_line(argv: list[str], capsys, match: str, code: int = 2) -> str:
