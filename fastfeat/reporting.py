@@ -108,7 +108,7 @@ def read_torch_file(path: str | Path, what: str):
             culprit = re.search(r"GLOBAL (\S+)", reason)  # the function or class the file would call
             if culprit:
                 raise refused_pickle(what, path, "tensors and plain values", culprit[1]) from None
-            # torch's text advises weights_only=False: show only the cause (e.g. an unsupported opcode)
+            # torch's own text suggests an unsafe load instead: show only the cause (e.g. an unsupported opcode)
             cause = re.search(r"WeightsUnpickler error:\s*(.+)", reason)
             reason = cause[1] if cause else "not a file torch.save wrote"
         raise InputError(f"unreadable {what} {path}: {reason.splitlines()[0] if reason else type(exc).__name__}") from None
