@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=128, help="images per batch")
     pr.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision")
+    pr.add_argument("--predictions", default=None, help="with --data: a CSV of every image's true and predicted class")
     _metrics_flag(pr)
 
     models = _command(sub, "models", "list the backbones: feature size, parameters, preprocessing, weights", run_models)
@@ -152,10 +153,19 @@ def run_predict(args: argparse.Namespace) -> None:
         raise InputError("give either image files or --data DIR")
     predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp)
     if args.data:
-        accuracy, images = predictor.accuracy(args.data, args.split, args.loader, args.batch_size, args.limit)
-        print(f"accuracy {accuracy:.4f} on {images} {args.split} images of {args.data}")
+        from .evaluation import classification_report, write_predictions
+
+        evaluation = predictor.evaluate(args.data, args.split, args.loader, args.batch_size, args.limit)
+        report = classification_report(evaluation.probabilities, evaluation.labels)
+        top5 = f", top-5 {report['top5']:.4f}" if "top5" in report else ""
+        print(f"accuracy {report['top1']:.4f}{top5}, mean per class {report['mean_per_class']:.4f} "
+              f"on {len(evaluation.labels)} {args.split} images of {args.data}")
+        if args.predictions:
+            write_predictions(args.predictions, evaluation.probabilities, evaluation.labels,
+                              predictor.classifier.classes, evaluation.files)
         if args.metrics:
-            write_json(args.metrics, {"command": "predict", "accuracy": accuracy, "images": images, "model": args.model})
+            write_json(args.metrics, {"command": "predict", "accuracy": report["top1"], "images": len(evaluation.labels),
+                                      "model": args.model, args.split: report, "classes": predictor.classifier.classes})
         return
     for path, top in zip(args.images, predictor.predict_files(args.images, args.topk)):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))

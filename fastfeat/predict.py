@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbone import build_backbone, rebuild_backbone
 from .errors import InputError
+from .evaluation import classification_report
 from .loaders import eval_batches, resolve_loader
 from .model_files import CHECKPOINT_FORMAT, checkpoint_spec, head_from_state, read_model_file
 from .runtime import amp_dtype, autocast, resolve_device
@@ -71,15 +72,29 @@ class Predictor:
         values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
         return [[(self.classifier.classes[i], v) for v, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
 
-    def accuracy(self, data: str, split: str = "test", loader: str = "auto", batch_size: int = 128, limit: int | None = None) -> tuple[float, int]:
-        """Top-1 accuracy on a dataset split (its classes must be the model's)."""
+    def evaluate(self, data: str, split: str = "test", loader: str = "auto", batch_size: int = 128,
+                 limit: int | None = None) -> Evaluation:
+        """Probabilities for every image of a dataset split (its classes must be the model's)."""
         dataset = open_dataset(data, "auto", (split,), limit)
         if list(dataset.classes) != self.classifier.classes:
             raise InputError(f"{data} has classes {list(dataset.classes)}, the model has {self.classifier.classes}")
         rows = dataset.splits[split]
-        labels = torch.from_numpy(rows.labels).to(self.device)
-        correct = start = 0
-        for images in eval_batches(rows, resolve_loader(loader), self.classifier.pre, batch_size, self.device):
-            correct += (self.probabilities(images).argmax(1) == labels[start : start + len(images)]).sum().item()
-            start += len(images)
-        return correct / max(start, 1), start
+        batches = eval_batches(rows, resolve_loader(loader), self.classifier.pre, batch_size, self.device)
+        probabilities = torch.cat([self.probabilities(images).cpu() for images in batches])
+        files = None if rows.files is None else [str(Path(f).relative_to(dataset.root)) for f in rows.files]
+        return Evaluation(probabilities, torch.from_numpy(rows.labels), files)
+
+    def accuracy(self, data: str, split: str = "test", loader: str = "auto", batch_size: int = 128,
+                 limit: int | None = None) -> tuple[float, int]:
+        """Top-1 accuracy on a dataset split, and its number of images."""
+        evaluation = self.evaluate(data, split, loader, batch_size, limit)
+        return classification_report(evaluation.probabilities, evaluation.labels)["top1"], len(evaluation.labels)
+
+
+@dataclass
+class Evaluation:
+    """A split's (N, K) probabilities, its labels and, for image folders, each row's file."""
+
+    probabilities: torch.Tensor
+    labels: torch.Tensor
+    files: list[str] | None

@@ -1,0 +1,52 @@
+"""Per-class results: the report against direct counts, and predict --data's metrics and CSV."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import torch
+from conftest import make_folder, run
+
+from fastfeat.evaluation import classification_report
+
+
+def test_report_equals_direct_counts():
+    rng = np.random.default_rng(0)
+    k, n = 7, 300
+    labels = rng.integers(0, k - 1, n)  # the last class has no rows
+    scores = rng.normal(0, 1, (n, k)) + 2.0 * np.eye(k)[labels] * (rng.random(n) < 0.5)[:, None]
+    report = classification_report(torch.from_numpy(scores), torch.from_numpy(labels))
+    confusion = np.zeros((k, k), dtype=int)
+    for truth, guess in zip(labels, scores.argmax(1)):
+        confusion[truth, guess] += 1
+    assert report["confusion"] == confusion.tolist() and sum(map(sum, report["confusion"])) == n
+    per_class = [confusion[c, c] / confusion[c].sum() if confusion[c].sum() else None for c in range(k)]
+    assert report["per_class"][-1] is None and np.allclose(report["per_class"][:-1], per_class[:-1])
+    assert np.isclose(report["mean_per_class"], np.mean(per_class[:-1]))
+    assert np.isclose(report["top1"], np.mean(scores.argmax(1) == labels))
+    top5 = np.mean([label in np.argsort(-row)[:5] for row, label in zip(scores, labels)])
+    assert np.isclose(report["top5"], top5) and report["top5"] >= report["top1"]
+    assert "top5" not in classification_report(torch.randn(10, 5), torch.arange(10) % 5)  # five classes: no top-5
+
+
+def test_predict_data_reports_per_class_results_and_writes_every_prediction(tmp_path, capsys):
+    data = make_folder(tmp_path / "f", per_class=6, classes=("cat", "dog", "emu"))
+    tiny = ["--image-size", "32", "--resize", "36", "--device", "cpu", "--loader", "torch"]
+    cache = tmp_path / "c.h5"
+    assert run(["cache", "--data", str(data), "--weights", "none", *tiny, "--out", str(cache), "--no-progress"], capsys)[0] == 0
+    assert run(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "2", "--val-fraction", "0"], capsys)[0] == 0
+    metrics, table = tmp_path / "m.json", tmp_path / "p.csv"
+    code, out, err = run(["predict", "--model", str(cache.with_suffix(".head.pt")), "--data", str(data), "--device", "cpu",
+                          "--loader", "torch", "--metrics", str(metrics), "--predictions", str(table)], capsys)
+    assert code == 0, err
+    report = json.loads(metrics.read_text())["test"]
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 18 and sum(map(sum, report["confusion"])) == 18
+    assert [r["file"] for r in rows[:2]] == ["test/cat/0.jpg", "test/cat/1.png"] and rows[0]["label"] == "cat"
+    assert np.isclose(report["top1"], np.mean([r["label"] == r["predicted"] for r in rows]))
+    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+    for c, name in enumerate(("cat", "dog", "emu")):
+        mine = [r for r in rows if r["label"] == name]
+        assert report["confusion"][c] == [sum(r["predicted"] == other for r in mine) for other in ("cat", "dog", "emu")]
+    assert f"accuracy {report['top1']:.4f}" in out and "mean per class" in out
