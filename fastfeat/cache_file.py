@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from .errors import FastfeatError, InputError
-from .spec import plain
+from .spec import FeatureSpec, plain
 
 CHUNK_ROWS = 1024
 FEATURE_DTYPES = ("float16", "float32")
@@ -206,14 +206,8 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test")) ->
     if not path.is_file():
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
         raise InputError(f"cache {path} does not exist{hint}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise InputError(f"{path} is not an HDF5 file") from None
+    f, attrs = _open_cache(path)
     with f:
-        attrs = {key: plain(value) for key, value in f.attrs.items()}
-        if "fastfeat_version" not in attrs or "classes" not in attrs:
-            raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
         features, labels, files = {}, {}, {}
@@ -231,3 +225,29 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test")) ->
                 raise InputError(f"{path}: {split} features are {features[split].shape[1]}-d, the cache records {recorded}")
             _check_finite(path, split, features[split])
     return CacheData(path, attrs, features, labels, files)
+
+
+def _open_cache(path: Path) -> tuple[h5py.File, dict]:
+    """The open file and its attributes as plain values, or a one-line error if it is no fastfeat cache."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path} is not an HDF5 file") from None
+    attrs = {key: plain(value) for key, value in f.attrs.items()}
+    if "fastfeat_version" not in attrs or "classes" not in attrs:
+        f.close()
+        raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
+    return f, attrs
+
+
+def describe_cache(path: str | Path) -> dict:
+    """What a cache holds, complete or not, without reading its features: the attributes, and per split
+    its rows, the rows written so far and the stored feature dtype."""
+    f, attrs = _open_cache(Path(path))
+    with f:
+        splits = {name: {"rows": len(group["labels"]), "rows_written": int(group.attrs["rows_written"]),
+                         "features": f"{tuple(group['features'].shape)} {group['features'].dtype}"}
+                  for name, group in f.items()}
+    return {"kind": "cache", "complete": bool(attrs.get("complete")),
+            "spec": FeatureSpec.from_attrs(attrs, str(path)).to_attrs(), "classes": json.loads(attrs["classes"]),
+            "splits": splits, **{key: attrs.get(key) for key in ("dataset", "dataset_path", "created", "fastfeat_version")}}

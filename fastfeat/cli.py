@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--predictions", default=None, help="with --data: a CSV of every image's true and predicted class")
     _metrics_flag(pr)
 
+    info = _command(sub, "info", "what a cache, head or checkpoint holds", run_info)
+    info.add_argument("file", help="a cache (.h5, complete or .partial), a head or a finetune checkpoint")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
     models = _command(sub, "models", "list the backbones: feature size, parameters, preprocessing, weights", run_models)
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -183,6 +187,24 @@ def run_models(args: argparse.Namespace) -> None:
         pre = f"{r['resize']}->{r['image_size']} {r['interpolation']}" + (" (fixed)" if r["fixed_size"] else "")
         print(f"{r['arch']:<20} {r['feature_dim']:>8} {r['parameters'] / 1e6:>7.1f}M  {pre:<24} {', '.join(r['weights'])}")
     print("\ntimm's models: --arch timm:NAME with pip install 'fastfeat[timm]'")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    import h5py
+
+    from .cache_file import describe_cache
+    from .model_files import describe_model_file
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    info = describe_cache(path) if h5py.is_hdf5(path) else describe_model_file(path)
+    info["size"] = human_bytes(path.stat().st_size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -105,3 +105,16 @@ def read_model_file(path: str | Path, *formats: str) -> dict:
         raise InputError(f"{path} is {'not' if len(formats) == 1 else 'neither'} "
                          f"{' nor '.join(WHAT[f][1] for f in formats)}")
     return state
+
+
+def describe_model_file(path: str | Path) -> dict:
+    """What a head or checkpoint holds: its kind, the spec of its features, its classes, and the epoch
+    and accuracies of a checkpoint or the options of a head."""
+    state = read_model_file(path)
+    if state["format"] == HEAD_FORMAT:
+        _, classes, spec = head_from_state(state, path)
+        return {"kind": "head", "spec": spec.to_attrs(), "classes": classes, "options": state.get("options", {})}
+    history = state.get("history", [])
+    return {"kind": "finetune checkpoint", "spec": checkpoint_spec(state, path).to_attrs(),
+            "classes": list(state.get("classes", [])), "epochs_done": state.get("epoch"),
+            "valid_acc": [h.get("valid_acc") for h in history], "options": state.get("options", {})}

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import make_folder, run
+from conftest import make_folder, run, separable, write_cache
 
 from fastfeat.evaluation import classification_report
 
@@ -50,3 +50,44 @@ def test_predict_data_reports_per_class_results_and_writes_every_prediction(tmp_
         mine = [r for r in rows if r["label"] == name]
         assert report["confusion"][c] == [sum(r["predicted"] == other for r in mine) for other in ("cat", "dog", "emu")]
     assert f"accuracy {report['top1']:.4f}" in out and "mean per class" in out
+
+
+def test_info_says_what_each_file_holds(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    cache = write_cache(tmp_path / "c.h5", {"train": separable(60, rng), "test": separable(30, rng)})
+    partial = write_cache(tmp_path / "p.h5", {"train": separable(8, rng), "test": separable(8, rng)}, finish=False)
+    assert run(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "1"], capsys)[0] == 0
+
+    def info(path) -> dict:
+        code, out, err = run(["info", str(path), "--json"], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    got = info(cache)
+    assert (got["kind"], got["complete"], got["classes"]) == ("cache", True, ["a", "b", "c"])
+    assert got["splits"]["train"]["rows"] == 60 and got["splits"]["test"]["rows_written"] == 30
+    assert got["spec"]["arch"] == "resnet18" and got["spec"]["feature_dim"] == 512
+    unfinished = info(partial.with_name("p.h5.partial"))
+    assert unfinished["complete"] is False and unfinished["splits"]["train"]["rows_written"] == 8
+    head = info(cache.with_suffix(".head.pt"))
+    assert (head["kind"], head["classes"], head["spec"]) == ("head", ["a", "b", "c"], got["spec"])
+    code, out, _ = run(["info", str(cache)], capsys)
+    assert code == 0 and "kind: cache" in out and "complete: True" in out
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for bad, message in [(tmp_path / "none.h5", "does not exist"), (tmp_path / "junk.pt", "unreadable model file")]:
+        code, _, err = run(["info", str(bad)], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_info_on_a_finetune_checkpoint(tmp_path, capsys):
+    from conftest import make_cifar
+
+    data = make_cifar(tmp_path / "d", n_train=40, n_test=8)
+    ckpt = tmp_path / "ck"
+    args = ["finetune", "--data", str(data), "--image-size", "32", "--weights", "none", "--device", "cpu",
+            "--loader", "torch", "--epochs", "1", "--batch-size", "8", "--no-progress", "--checkpoint-dir", str(ckpt)]
+    assert run(args, capsys)[0] == 0
+    code, out, err = run(["info", str(ckpt / "last.pt"), "--json"], capsys)
+    got = json.loads(out)
+    assert got["kind"] == "finetune checkpoint" and got["epochs_done"] == 1 and len(got["valid_acc"]) == 1
+    assert got["spec"]["image_size"] == 32 and got["classes"] == ["dark", "bright"]
