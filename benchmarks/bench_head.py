@@ -16,7 +16,11 @@ The features come from `--cache FILE` (a real `fastfeat cache` file), or are gen
 but realistic problem whose linear-probe test accuracy is about 87 % (see `synthetic_split`), written as a float16
 cache like `fastfeat cache` writes.
 
-    python benchmarks/bench_head.py [--cache FILE] [--repeats 3] [--backbone-images-per-second N]
+    python benchmarks/bench_head.py [--cache FILE] [--repeats 3] [--backbone-images-per-second N] [--sweep]
+
+With `--sweep` it also times `train-head --sweep` (the default 8 lrs x 6 weight decays, trained at once,
+the best refit on all of train) against one default head (target: at most 10x its time), and reports the
+chosen head's test accuracy beside the tuned reference.
 
 It prints the numbers and writes them, with the parameters and machine info, to `--json`.
 """
@@ -48,6 +52,7 @@ from fastfeat.transforms import Preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS, TARGET_POINTS = 2.0, 0.5
+TARGET_SWEEP_RATIO = 10.0
 
 
 def synthetic_split(rng: np.random.Generator, centres: np.ndarray, mix: np.ndarray, scale: np.ndarray,
@@ -101,6 +106,15 @@ def measure_head(cache: Path, out: Path, repeats: int) -> tuple[list[float], dic
     return seconds, result.metrics()
 
 
+def measure_sweep(cache: Path, out: Path, repeats: int) -> tuple[list[float], dict]:
+    """Seconds of `repeats` default sweeps (grid, choice and refit; loading not timed), and the last run's metrics."""
+    seconds = []
+    for _ in range(repeats):
+        result = train_head(HeadOptions(cache=str(cache), out=str(out), device="cpu", sweep=True), log=lambda line: None)
+        seconds.append(result.seconds)
+    return seconds, result.metrics()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help="a fastfeat cache (default: a synthetic one)")
@@ -109,6 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed trainings")
     parser.add_argument("--backbone-images-per-second", type=float, default=None,
                         help="the recipe's backbone speed (default: measure fp32 resnet18 at 224 px here)")
+    parser.add_argument("--sweep", action="store_true", help="also time train-head --sweep against one head")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "bench_head.json")
     return parser.parse_args()
 
@@ -118,6 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or write_synthetic_cache(Path(tmp) / "synthetic.h5", args.train, args.test)
         seconds, metrics = measure_head(cache, Path(tmp) / "head.pt", args.repeats)
+        sweep = measure_sweep(cache, Path(tmp) / "sweep.pt", args.repeats) if args.sweep else None
         _, classes, tensors = load_features(cache, torch.device("cpu"))
         train_y, test_y = tensors[1], tensors[3]
         start = time.perf_counter()
@@ -141,7 +157,26 @@ def main() -> None:
           f"train-head is {recipe_seconds / median:.0f}x faster")
     print(f"targets: <= {TARGET_SECONDS} s ({'met' if median <= TARGET_SECONDS else 'MISSED'} by the median), "
           f"within {TARGET_POINTS} points ({'met' if abs(points) <= TARGET_POINTS else 'MISSED'})")
+    sweep_report = None
+    if sweep is not None:
+        sweep_seconds, sweep_metrics = sweep
+        sweep_median = statistics.median(sweep_seconds)
+        grid = sweep_metrics["sweep"]
+        only = grid["seconds"]
+        ratio = sweep_median / median
+        sweep_acc = sweep_metrics["test"]["top1"]
+        print(f"train-head --sweep, {len(grid['lrs'])}x{len(grid['weight_decays'])} heads: {sweep_median:.2f} s median "
+              f"({', '.join(f'{s:.2f}' for s in sweep_seconds)}; the batched grid alone {only:.2f} s of the last run), "
+              f"{ratio:.1f}x one head (target <= {TARGET_SWEEP_RATIO:g}x: {'met' if ratio <= TARGET_SWEEP_RATIO else 'MISSED'}); "
+              f"best lr {grid['best']['lr']:g}, weight decay {grid['best']['weight_decay']:.3g}, valid acc "
+              f"{100 * grid['best']['val_acc']:.2f} %, refit test acc {100 * sweep_acc:.2f} % "
+              f"({100 * (sweep_acc - reference):+.2f} points vs the reference)")
+        sweep_report = {"seconds": [round(s, 3) for s in sweep_seconds], "seconds_median": round(sweep_median, 3),
+                        "grid_seconds": grid["seconds"], "ratio_to_one_head": round(ratio, 2),
+                        "target_ratio": TARGET_SWEEP_RATIO, "ratio_met": ratio <= TARGET_SWEEP_RATIO,
+                        "test_acc": sweep_acc, "difference_points": round(100 * (sweep_acc - reference), 3), "grid": grid}
     write_json(args.json, {
+        "sweep": sweep_report,
         "features": str(args.cache) if args.cache else "synthetic",
         "train_rows": len(train_y), "test_rows": len(test_y),
         "head": {"seconds": [round(s, 3) for s in seconds], "seconds_median": round(median, 3),

@@ -104,10 +104,20 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 def run_train_head(args: argparse.Namespace) -> None:
-    from .head import HeadOptions, train_head
+    from .head import HeadOptions, sweep_table, train_head
 
     _check_writable(args.metrics)
     result = train_head(from_args(HeadOptions, args))
+    if result.sweep is not None:
+        best, heads = result.sweep["best"], len(result.sweep["lrs"]) * len(result.sweep["weight_decays"])
+        print("\n".join(sweep_table(result.sweep)))
+        refit = "refit on train + validation" if result.sweep["refit"] else "not refit (--no-refit)"
+        print(f"swept {heads} heads in {result.sweep['seconds']:.2f} s: best lr {best['lr']:g}, weight decay "
+              f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} (on {args.val_fraction:g} of train held out), "
+              f"{refit}; test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
+        if args.metrics:
+            write_json(args.metrics, result.metrics())
+        return
     validated = (f"on {args.val_fraction:g} of train held out" if result.validation == "holdout"
                  else "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
     print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "

@@ -37,6 +37,8 @@ from .spec import FeatureSpec
 
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
+SWEEP_LRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+SWEEP_L2_ROWS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # the default weight decays: these / fit rows
 ADAMW_WEIGHT_DECAY = 0.5
 L2_ROWS = 100.0
 LBFGS_ITERS_PER_EPOCH = 25
@@ -63,6 +65,14 @@ class HeadOptions:
                                       "(the recipe's protocol: any choice made from it is made on test)")
     seed: int = option(0, "shuffles and the validation split")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    sweep: bool = option(False, "train a grid of sgd heads (--lrs x --weight-decays) at once as one batched program, "
+                                "pick the best by validation accuracy (ties: the larger weight decay), then refit it")
+    lrs: tuple[float, ...] | None = option(None, "--sweep learning rates, comma-separated (default: "
+                                                 + ",".join(f"{v:g}" for v in SWEEP_LRS) + ")")
+    weight_decays: tuple[float, ...] | None = option(None, "--sweep L2 strengths, comma-separated (default: "
+                                                           + ",".join(f"{v:g}" for v in SWEEP_L2_ROWS) + " / fit rows)")
+    refit: bool = option(True, "--sweep: retrain the chosen setting on train + validation (the single-head path) "
+                               "before the one test evaluation; --no-refit keeps the sweep's own head")
 
 
 @dataclass
@@ -78,13 +88,18 @@ class HeadResult:
     history: list[dict] = field(default_factory=list)
     validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
     test: dict = field(default_factory=dict)
+    sweep: dict | None = None  # --sweep: the grid, its validation accuracies and the chosen setting
 
     @property
     def best_valid_acc(self) -> float:
+        if self.sweep is not None:  # the chosen head's holdout accuracy (the refit has no holdout)
+            return self.sweep["best"]["val_acc"]
         return max((h["valid_acc"] for h in self.history), default=0.0)
 
     @property
     def final_valid_acc(self) -> float:
+        if self.sweep is not None:
+            return self.sweep["best"]["val_acc"]
         return self.history[-1]["valid_acc"] if self.history else 0.0
 
     def metrics(self) -> dict:
@@ -99,6 +114,7 @@ class HeadResult:
             "device": self.device,
             "options": self.options,
             "out": str(self.out),
+            **({"sweep": self.sweep} if self.sweep is not None else {}),
         }
 
 
@@ -107,6 +123,8 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     evaluate the test split once with the final head, and save it. With `val_fraction` 0 the epoch
     lines validate on test, as the original recipe did."""
     check_options(opts)
+    if opts.sweep:
+        return train_sweep(opts, log)
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
     fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
@@ -168,6 +186,19 @@ def check_options(opts: HeadOptions) -> None:
         check_number("--weight-decay", opts.weight_decay)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
     check_number("--val-fraction", opts.val_fraction, high=1.0)
+    for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
+        if values and not opts.sweep:
+            raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")
+        for value in values:
+            check_number(flag, value, low_open=flag == "--lrs")
+    if opts.sweep:
+        if opts.optimizer != "sgd":
+            raise InputError(f"--sweep trains sgd heads only, not --optimizer {opts.optimizer}")
+        if opts.lr is not None or opts.weight_decay is not None:
+            raise InputError("--sweep tries the --lrs x --weight-decays grid: drop --lr and --weight-decay")
+        if opts.val_fraction == 0:
+            raise InputError("--sweep picks its head on a holdout of train: --val-fraction must be > 0 "
+                             "(0 would choose it on test)")
 
 
 def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
@@ -291,3 +322,207 @@ def lbfgs_epoch(optimizer: torch.optim.LBFGS, head: LinearHead, x: torch.Tensor,
         return loss
 
     optimizer.step(closure)
+
+
+# ---- --sweep: a grid of sgd heads trained at once -------------------------------------------------------
+
+
+
+@dataclass
+class SweepHeads:
+    """The heads of a sweep, in standardised space: head h = (lrs[h // len(wds)], wds[h % len(wds)]) has
+    weight `weight[:, h, :].T` (K x D, like `LinearHead.fc.weight`) and bias `bias[h]`. `weight` is laid out
+    (D, H, K) so that one (B, D) x (D, H*K) GEMM computes every head's logits. `val_acc[h]` is None for a
+    head that diverged (it was frozen at zero)."""
+
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    val_acc: list[float | None]
+    train_loss: list[float | None]
+
+    def index(self, lr_index: int, wd_index: int) -> int:
+        return lr_index * len(self.weight_decays) + wd_index
+
+    def head(self, h: int) -> LinearHead:
+        """Head `h` as a LinearHead on raw features (the sweep's standardisation folded in as usual)."""
+        dim, _, classes = self.weight.shape
+        head = LinearHead(dim, classes, self.mean, self.std).to(self.weight.device)
+        with torch.no_grad():
+            head.fc.weight.copy_(self.weight[:, h, :].T)
+            head.fc.bias.copy_(self.bias[h])
+        return head
+
+    def best(self) -> int:
+        """The head with the best validation accuracy; ties: the larger weight decay, then the smaller lr."""
+        candidates = [h for h, acc in enumerate(self.val_acc) if acc is not None]
+        if not candidates:
+            raise FastfeatError("every head of the sweep diverged; nothing was saved: lower --lrs")
+        n_wd = len(self.weight_decays)
+        return max(candidates, key=lambda h: (self.val_acc[h], self.weight_decays[h % n_wd], -self.lrs[h // n_wd]))
+
+    def grid(self) -> list[list[float | None]]:
+        """Validation accuracy per lr (rows) x weight decay (columns)."""
+        n_wd = len(self.weight_decays)
+        return [self.val_acc[i * n_wd : (i + 1) * n_wd] for i in range(len(self.lrs))]
+
+
+def sweep_grid(opts: HeadOptions, fit_rows: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (lrs, weight decays) of a sweep: the given ones, or the defaults around the single head's."""
+    lrs = tuple(opts.lrs or SWEEP_LRS)
+    wds = tuple(opts.weight_decays or (c / max(fit_rows, 1) for c in SWEEP_L2_ROWS))
+    return lrs, wds
+
+
+def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """(x - mean) / std as a new float32 tensor, in row blocks (no full-size temporary)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for block, target in zip(x.split(rows), out.split(rows)):
+        torch.sub(block, mean, out=target).div_(std)
+    return out
+
+
+def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+              lrs: tuple[float, ...], weight_decays: tuple[float, ...], opts: HeadOptions,
+              log: Callable[[str], None] = print) -> SweepHeads:
+    """Train len(lrs) x len(weight_decays) sgd heads at once, as `sgd_epoch` trains one: features
+    standardised once, zero init, the same shuffles (one seeded randperm per epoch), mini-batches, mean
+    cross-entropy (label smoothing too) with a hand-written gradient, L2 on the weight only, nesterov
+    momentum 0.9 and the per-step cosine decay, each head with its own lr and weight decay. A head whose
+    loss or weights stop being finite is frozen at zero and reported as diverged."""
+    device, dim, k = x.device, x.shape[1], num_classes
+    heads = len(lrs) * len(weight_decays)
+    if opts.standardize:
+        mean, std = feature_stats(x)
+    else:
+        mean, std = torch.zeros(dim, device=device), torch.ones(dim, device=device)
+    z = standardized(x, mean, std)
+    lr = torch.tensor([a for a in lrs for _ in weight_decays], dtype=torch.float32, device=device)
+    wd = torch.tensor([b for _ in lrs for b in weight_decays], dtype=torch.float32, device=device).view(1, heads, 1)
+    weight = torch.zeros(dim, heads, k, device=device)  # (D, H, K): one GEMM for every head's logits
+    bias = torch.zeros(heads, k, device=device)
+    weight_buf, bias_buf = torch.zeros_like(weight), torch.zeros_like(bias)
+    weight_grad = torch.empty_like(weight)
+    flat_weight, flat_bias, flat_grad = weight.view(dim, heads * k), bias.view(heads * k), weight_grad.view(dim, heads * k)
+    live = torch.ones(heads, dtype=torch.bool, device=device)
+    batch = min(opts.batch_size, len(y))
+    buffer = z.new_empty(batch, dim)
+    eye = torch.eye(k, device=device)
+    smoothing = opts.label_smoothing
+    total_steps, step = opts.epochs * math.ceil(len(y) / opts.batch_size), 0
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    loss_sum = torch.zeros(heads, device=device)
+    for epoch in range(opts.epochs):
+        epoch_start = time.perf_counter()
+        loss_sum.zero_()
+        for idx in torch.randperm(len(y), generator=generator, device=device).split(opts.batch_size):
+            n = len(idx)
+            inputs = torch.index_select(z, 0, idx, out=buffer[:n])
+            target = eye[y[idx]]
+            if smoothing:
+                target = target * (1 - smoothing) + smoothing / k
+            logits = torch.addmm(flat_bias, inputs, flat_weight).view(n, heads, k)
+            lse = logits.logsumexp(-1)  # (B, H)
+            loss_sum += lse.sum(0) - torch.einsum("bhk,bk->h", logits, target)
+            grad = logits.sub_(lse.unsqueeze(-1)).exp_().sub_(target.unsqueeze(1)).div_(n)  # softmax - target, mean
+            torch.mm(inputs.T, grad.view(n, heads * k), out=flat_grad)
+            factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            step_lr = (lr * factor).view(1, heads, 1)
+            # torch.optim.SGD(momentum=0.9, nesterov=True): d = g + wd p; buf = 0.9 buf + d; p -= lr (d + 0.9 buf)
+            weight_grad.addcmul_(weight, wd)
+            weight_buf.mul_(0.9).add_(weight_grad)
+            weight.addcmul_(weight_grad.add_(weight_buf, alpha=0.9), step_lr, value=-1)
+            bias_grad = grad.sum(0)
+            bias_buf.mul_(0.9).add_(bias_grad)
+            bias.addcmul_(bias_grad.add_(bias_buf, alpha=0.9), step_lr.view(heads, 1), value=-1)
+            step += 1
+        finite = loss_sum.isfinite() & weight.isfinite().all(2).all(0) & bias.isfinite().all(1)
+        diverged = live & ~finite
+        if diverged.any():  # freeze them at zero: their columns never touch the other heads'
+            live &= ~diverged
+            lr.masked_fill_(diverged, 0.0)
+            for tensor in (weight, weight_buf):
+                tensor[:, diverged] = 0.0
+            for tensor in (bias, bias_buf):
+                tensor[diverged] = 0.0
+        losses = (loss_sum / len(y))[live]
+        log(f"Sweep epoch {epoch}. {int(live.sum())} of {heads} heads, train loss {losses.min().item() if len(losses) else float('nan'):f} "
+            f"(best) to {losses.max().item() if len(losses) else float('nan'):f}, {time.perf_counter() - epoch_start:.2f} s")
+    with torch.no_grad():
+        correct = torch.zeros(heads, device=device)
+        for block, labels in zip(val_x.split(8192), val_y.split(8192)):
+            logits = torch.addmm(flat_bias, standardized(block, mean, std), flat_weight).view(len(labels), heads, k)
+            correct += (logits.argmax(-1) == labels.unsqueeze(1)).sum(0)
+    alive = live.tolist()
+    val_acc = [acc if ok else None for acc, ok in zip((correct / len(val_y)).tolist(), alive)]
+    train_loss = [loss if ok else None for loss, ok in zip((loss_sum / len(y)).tolist(), alive)]
+    return SweepHeads(tuple(lrs), tuple(weight_decays), weight, bias, mean, std, val_acc, train_loss)
+
+
+def refit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, opts: HeadOptions,
+               log: Callable[[str], None] = print) -> tuple[LinearHead, list[dict]]:
+    """The single-head path (`new_head`, `epoch_runner`) on x without a holdout: history holds train numbers only."""
+    head = new_head(x, num_classes, opts.standardize)
+    run_epoch, history = epoch_runner(head, opts, x, y), []
+    for epoch in range(opts.epochs):
+        epoch_start = time.perf_counter()
+        train_loss, train_acc = run_epoch()
+        seconds = time.perf_counter() - epoch_start
+        if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
+            raise FastfeatError(f"the refit head diverged in epoch {epoch} (train loss {train_loss}); nothing was "
+                                f"saved: pass --no-refit, or leave lr {opts.lr} out of --lrs")
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "seconds": round(seconds, 4)})
+        log(f"Refit epoch {epoch}. Train Loss: {train_loss:f}, Train Acc: {train_acc:f}")
+    return head, history
+
+
+def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
+    """`--sweep`: the grid trained at once on train less the holdout, the best head chosen on the holdout,
+    refit on all of train (unless --no-refit), test evaluated once with the chosen head, saved as usual."""
+    check_options(opts)
+    device = resolve_device(opts.device)
+    spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
+    out = Path(opts.out) if opts.out else default_out(opts.cache)
+    if out.resolve() == Path(opts.cache).resolve():
+        raise InputError(f"--out {out} is the cache itself: choose another file")
+    lrs, wds = sweep_grid(opts, len(fit_y))
+    log(f"sweep: {len(lrs) * len(wds)} sgd heads, {len(fit_y)} fit rows, {len(val_y)} validation rows; "
+        f"lrs {', '.join(f'{v:g}' for v in lrs)}; weight decays {', '.join(f'{v:.3g}' for v in wds)}")
+    start = time.perf_counter()
+    sweep = sweep_fit(fit_x, fit_y, val_x, val_y, len(classes), lrs, wds, opts, log)
+    sweep_seconds = time.perf_counter() - start
+    best = sweep.best()
+    best_lr, best_wd = lrs[best // len(wds)], wds[best % len(wds)]
+    chosen = replace(opts, lr=best_lr, weight_decay=best_wd, lrs=lrs, weight_decays=wds)
+    log(f"sweep: best lr {best_lr:g}, weight decay {best_wd:.3g}: valid acc {sweep.val_acc[best]:.4f} "
+        f"({sweep_seconds:.2f} s)")
+    history: list[dict] = []
+    if opts.refit:
+        head, history = refit_head(train_x, train_y, len(classes), chosen, log)
+    else:
+        head = sweep.head(best)
+    seconds = time.perf_counter() - start
+    test_loss, test_acc = evaluate(head, test_x, test_y)
+    save_head(out, head, classes, spec, asdict(chosen), opts.standardize)
+    grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
+            "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
+            "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
+    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", {"loss": test_loss, "top1": test_acc},
+                      grid)
+
+
+def sweep_table(sweep: dict) -> list[str]:
+    """Validation accuracy per lr (rows) x weight decay (columns), the chosen one starred; '-' diverged."""
+    best = sweep["best"]
+    lines = ["val acc   " + " ".join(f"{'wd ' + format(wd, '.3g'):>10} " for wd in sweep["weight_decays"])]
+    for lr, row in zip(sweep["lrs"], sweep["val_acc"]):
+        cells = []
+        for wd, acc in zip(sweep["weight_decays"], row):
+            mark = "*" if (lr, wd) == (best["lr"], best["weight_decay"]) else " "
+            cells.append(f"{'-' if acc is None else f'{acc:.4f}':>10}{mark}")
+        lines.append(f"lr {lr:<7g}" + " ".join(cells))
+    return lines

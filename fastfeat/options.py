@@ -43,8 +43,8 @@ def _parser_for(hint) -> typing.Callable[[str], Any]:
     for `tuple[str, ...]` and `tuple[int, ...]`."""
     if typing.get_origin(hint) is tuple:
         return _comma_list(_parser_for(typing.get_args(hint)[0]))
-    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
-    return PARSERS[kinds[0]]
+    optional = [arg for arg in typing.get_args(hint) if arg is not type(None)]  # `X | None`
+    return _parser_for(optional[0]) if optional else PARSERS[hint]
 
 
 def _comma_list(item: typing.Callable[[str], Any]) -> typing.Callable[[str], tuple]:
