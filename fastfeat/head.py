@@ -28,6 +28,7 @@ from torch import nn
 from .backbone import DEFAULT_ARCH
 from .cache_file import read_cache
 from .errors import FastfeatError, InputError, check_number
+from .evaluation import classification_report
 from .model_files import LinearHead, save_head
 from .options import option
 from .reporting import epoch_line
@@ -135,10 +136,10 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     start = time.perf_counter()
     head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log)
     seconds = time.perf_counter() - start
-    test_loss, test_acc = evaluate(head, test_x, test_y)
+    test = test_report(head, test_x, test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
     validation = "holdout" if opts.val_fraction > 0 else "test"
-    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, {"loss": test_loss, "top1": test_acc})
+    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, test)
 
 
 def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -244,6 +245,14 @@ def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torc
 def new_head(x: torch.Tensor, num_classes: int, standardize: bool = True) -> LinearHead:
     """A zero head on x's device, standardising with x's statistics if asked."""
     return LinearHead(x.shape[1], num_classes, *(feature_stats(x) if standardize else (None, None))).to(x.device)
+
+
+def test_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The test split, evaluated once: its loss, top-1 (and top-5), mean per-class and per-class accuracy,
+    and the confusion matrix."""
+    with torch.no_grad():
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y).item(), **classification_report(logits, y)}
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -506,13 +515,12 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     else:
         head = sweep.head(best)
     seconds = time.perf_counter() - start
-    test_loss, test_acc = evaluate(head, test_x, test_y)
+    test = test_report(head, test_x, test_y)
     save_head(out, head, classes, spec, asdict(chosen), opts.standardize)
     grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
             "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
-    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", {"loss": test_loss, "top1": test_acc},
-                      grid)
+    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid)
 
 
 def sweep_table(sweep: dict) -> list[str]:

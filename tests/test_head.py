@@ -195,10 +195,14 @@ def test_validation_is_a_stratified_holdout_and_test_is_touched_once(toy_cache, 
     assert np.allclose(np.bincount(train_y[val]) / np.bincount(train_y), 0.1, atol=0.01)  # stratified
     seen = []
     real_evaluate = head_module.evaluate
+    real_report = head_module.test_report
     monkeypatch.setattr(head_module, "evaluate", lambda model, x, y: seen.append(len(y)) or real_evaluate(model, x, y))
+    monkeypatch.setattr(head_module, "test_report", lambda model, x, y: seen.append(len(y)) or real_report(model, x, y))
     result = train_head(quiet(toy_cache, epochs=3), log=lambda line: None)
     assert seen == [len(val)] * 3 + [500]  # three epochs on the holdout, then the 500 test rows once
     assert result.history[-1]["valid_acc"] == result.final_valid_acc and 0.9 <= result.test["top1"] <= 1.0
+    report = result.metrics()["test"]  # the per-class results of that one evaluation
+    assert sum(map(sum, report["confusion"])) == 500 and len(report["per_class"]) == 3 and "top5" not in report
     seen.clear()
     train_head(quiet(toy_cache, epochs=3, val_fraction=0), log=lambda line: None)
     assert seen == [500] * 4  # the recipe's protocol: test every epoch

@@ -104,7 +104,9 @@ def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched
 
     monkeypatch.setattr(head_module, "sweep_fit", sweep_spy)
     monkeypatch.setattr(head_module, "refit_head", refit_spy)
+    real_report = head_module.test_report
     monkeypatch.setattr(head_module, "evaluate", lambda m, x, y: calls["evaluate"].append(len(y)) or real_evaluate(m, x, y))
+    monkeypatch.setattr(head_module, "test_report", lambda m, x, y: calls["evaluate"].append(len(y)) or real_report(m, x, y))
     out = tmp_path / "best.head.pt"
     result = train_head(quiet(noisy_cache, sweep=True, epochs=3, lrs=(0.05, 0.2, 1.0), weight_decays=(1e-3, 1e-2),
                              val_fraction=0.2, out=str(out)), log=silent)
