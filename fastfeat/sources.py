@@ -43,8 +43,6 @@ CIFAR_LAYOUTS = {layout.kind: layout for layout in (
                 "meta", b"fine_labels", b"fine_label_names", "train, test and meta", "CIFAR100"),
 )}
 CIFAR10 = CIFAR_LAYOUTS["cifar10"]
-CIFAR_DIR = CIFAR10.dir
-CIFAR_FILES = {split: list(files) for split, files in CIFAR10.files.items()}
 DATASET_KINDS = ("auto", *CIFAR_LAYOUTS, "folder")
 
 
@@ -103,7 +101,7 @@ def open_dataset(
     image folder tree; `limit` keeps a class-balanced subset of at most that many rows per split (see
     `balanced_rows`). `download` fetches CIFAR-100 for kind "cifar100", CIFAR-10 otherwise."""
     root = Path(root)
-    unknown = set(splits) - set(CIFAR_FILES)
+    unknown = set(splits) - set(CIFAR10.files)
     if unknown or not splits:
         raise InputError(f"unknown split(s) {sorted(unknown)}: choose from train,test")
     if limit is not None and limit < 1:
@@ -200,11 +198,6 @@ def download_cifar(root: Path, layout: CifarLayout) -> None:
         ) from None
 
 
-def download_cifar10(root: Path) -> None:
-    """Fetch and unpack the official CIFAR-10 python release into `root` with torchvision."""
-    download_cifar(root, CIFAR10)
-
-
 # What the official batches (python 2 pickles), and numpy arrays pickled by python 3 with any protocol,
 # need to rebuild: numpy arrays and dtypes, and latin-1 bytes for protocol 2. Nothing that runs code.
 CIFAR_PICKLE_GLOBALS = frozenset({
@@ -263,11 +256,6 @@ def read_cifar(root: Path, splits: tuple[str, ...], layout: CifarLayout) -> Data
             raise InputError(f"{base} does not hold {layout.title} python batches ({exc})") from None
         out[split] = Split(split, labels, images=images)
     return Dataset(layout.kind, root, classes, out)
-
-
-def read_cifar10(root: Path, splits: tuple[str, ...]) -> Dataset:
-    """Read the official CIFAR-10 pickles (see `read_cifar`)."""
-    return read_cifar(root, splits, CIFAR10)
 
 
 def read_folder(root: Path, splits: tuple[str, ...]) -> Dataset:
