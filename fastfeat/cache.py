@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -14,13 +15,14 @@ from .backbone import FeatureExtractor
 from .cache_file import FEATURE_DTYPES, CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
-from .loaders import eval_batches, resolve_loader
+from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import amp_dtype, precision_name
 from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
+from .views import TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
 
 
 @dataclass
@@ -30,6 +32,17 @@ class CacheOptions(RunOptions, BackboneOptions, DataOptions):
     dtype: str = option("float16", "stored feature dtype", choices=FEATURE_DTYPES, group="output")
     resume: bool = option(False, "continue an interrupted run", group="output")
     overwrite: bool = option(False, "replace an existing cache", group="output")
+    tta: str | None = option(None, "also cache the features of every split's horizontally flipped center crop "
+                                   "(flipped on the device: one more backbone pass, no second decode)",
+                             choices=TTA_CHOICES, group="views")
+    views: int = option(0, "N augmented views per train image from the same decode (each one more backbone "
+                           "pass over train)", group="views")
+    view_augment: str = option(VIEW_AUGMENTS[0], "the augmentation of --views", choices=VIEW_AUGMENTS, group="views")
+    view_seed: int = option(0, "the random draws of --views (per batch: reproducible with the same --batch-size)",
+                            group="views")
+
+    def view_plan(self) -> ViewPlan:
+        return ViewPlan(self.tta is not None, self.views, self.view_augment, self.view_seed)
 
 
 @dataclass
@@ -43,6 +56,7 @@ class CacheResult:
     size_bytes: int
     rows: dict[str, int] = field(default_factory=dict)
     ranks: int = 1
+    views: int = 0  # extra view features computed (flips and augmented views), beside `images` center crops
 
     @property
     def images_per_second(self) -> float:
@@ -52,6 +66,8 @@ class CacheResult:
         return {
             "command": "cache",
             "images": self.images,
+            "views": self.views,
+            "backbone_images": self.images + self.views,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "loader": self.loader,
@@ -78,9 +94,11 @@ def warn_empty_classes(dataset: Dataset) -> None:
                   file=sys.stderr)
 
 
-def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int | None = None, seed: int = 0) -> dict:
+def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int | None = None, seed: int = 0,
+                plan: ViewPlan = ViewPlan()) -> dict:
     """The attributes that make a cache self-describing (and decide whether a partial one can resume)."""
     return {
+        **plan.attrs(),
         "fastfeat_version": __version__,
         **spec.to_attrs(),
         "batch_size": batch_size,
@@ -100,6 +118,7 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     """
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    plan = opts.view_plan()
     world, device = init_world(opts.device)
     dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download, opts.seed)
     if world.is_main:
@@ -112,16 +131,16 @@ def build_cache(opts: CacheOptions) -> CacheResult:
     backbone = opts.build()
     spec, pre = backbone.spec.with_precision(precision_name(dtype)), backbone.spec.pre
     extractor = FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
-    attrs = cache_attrs(dataset, spec, opts.batch_size, opts.limit, opts.seed)
+    attrs = cache_attrs(dataset, spec, opts.batch_size, opts.limit, opts.seed, plan)
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
-    start_time, images, failure = time.perf_counter(), 0, None
+    start_time, images, views, failure = time.perf_counter(), 0, 0, None
     try:
         shard_rows = {n: stop - start for n, (start, stop) in shards.items()}
         shard_files = source_files(dataset, shards)
         if not (world.distributed and opts.resume and finished_shard(target, attrs, shard_rows, opts.dtype, shard_files)):
-            images = _cache_rows(target, attrs, shards, shard_files, dataset, extractor, loader, pre, opts, world)
+            images, views = _cache_rows(target, attrs, shards, shard_files, dataset, extractor, loader, pre, opts, world)
     except (Exception, KeyboardInterrupt) as exc:
         failure = exc
     failed_ranks = int(all_reduce_sum(torch.tensor([int(failure is not None)]), world).item())
@@ -129,14 +148,14 @@ def build_cache(opts: CacheOptions) -> CacheResult:
         raise failure
     if failed_ranks:
         raise FastfeatError(f"{failed_ranks} other rank(s) failed; fix the cause and rerun with --resume to continue")
-    images = int(all_reduce_sum(torch.tensor([images]), world).item())
+    images, views = all_reduce_sum(torch.tensor([images, views]), world).tolist()
     if world.distributed and world.is_main:
         files = source_files(dataset, {name: (0, n) for name, n in rows.items()})
         _join_shards(out, [shard_path(out, r, world.size) for r in range(world.size)], attrs, rows, files, opts)
     barrier(world)
     seconds = time.perf_counter() - start_time
     size = out.stat().st_size if out.exists() else 0
-    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), size, rows, world.size)
+    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), size, rows, world.size, views)
 
 
 def source_files(dataset: Dataset, row_ranges: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
@@ -151,38 +170,59 @@ def source_files(dataset: Dataset, row_ranges: dict[str, tuple[int, int]]) -> di
 
 def _cache_rows(target: Path, attrs: dict, shards: dict[str, tuple[int, int]], files: dict[str, list[str]],
                 dataset: Dataset, extractor: FeatureExtractor, loader: str, pre: Preprocess, opts: CacheOptions,
-                world: World) -> int:
-    """Write this rank's rows of every split into `target` (the cache, or this rank's shard)."""
+                world: World) -> tuple[int, int]:
+    """Write this rank's rows of every split into `target` (the cache, or this rank's shard); returns
+    the images and the extra views added."""
+    plan = opts.view_plan()
     writer = CacheWriter(
         target, attrs, {n: stop - start for n, (start, stop) in shards.items()}, attrs["feature_dim"],
-        opts.dtype, opts.resume, opts.overwrite or world.distributed, files,
+        opts.dtype, opts.resume, opts.overwrite or world.distributed, files, plan.by_split(dataset.splits),
     )
     try:
-        images = sum(_cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world)
-                     for name, split in dataset.splits.items())
+        added = {name: _cache_split(writer, name, split.rows(*shards[name]), extractor, loader, pre, opts, world,
+                                    shards[name][0])
+                 for name, split in dataset.splits.items()}
         writer.finish()
     finally:
         writer.close()
-    return images
+    return sum(added.values()), sum(n * len(plan.transforms(name)) for name, n in added.items())
 
 
 def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: FeatureExtractor, loader: str,
-                 pre: Preprocess, opts: CacheOptions, world: World) -> int:
-    """Features of the rows of `split` that `writer` does not have yet; returns how many were added."""
+                 pre: Preprocess, opts: CacheOptions, world: World, first_row: int = 0) -> int:
+    """Features (and extra views) of the rows of `split` that `writer` does not have yet; returns how many
+    rows were added. `first_row`: where `split` starts in the whole split (this rank's shard)."""
     done = row = writer.rows_written(name)
     desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
+    plan = opts.view_plan()
     with progress(len(split), desc, opts.progress and world.is_main, initial=done) as bar:
-        for images in eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device):
-            features = extractor(images).cpu().numpy()
-            writer.write(name, row, features, split.labels[row : row + len(features)])
+        for images, decoded in _batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device, plan):
+            features = extractor(images)
+            views = view_features(extractor, plan.images(name, first_row + row, images, decoded, pre))
+            writer.write(name, row, features.cpu().numpy(), split.labels[row : row + len(features)], views)
             row += len(features)
             bar.update(len(features))
     return row - done
 
 
+def _batches(split: Split, loader: str, pre: Preprocess, batch_size: int, device: torch.device, plan: ViewPlan):
+    """(center crops, decoded images or None) per batch: decoded images only when views need them."""
+    if plan.needs_decoded():
+        return center_and_decoded_batches(split, loader, pre, batch_size, device)
+    return ((images, None) for images in eval_batches(split, loader, pre, batch_size, device))
+
+
+def view_features(extractor: FeatureExtractor, views: list[torch.Tensor]) -> np.ndarray | None:
+    """(n, V, D) features of a batch's V extra views, or None without views."""
+    if not views:
+        return None
+    return torch.stack([extractor(images) for images in views], 1).cpu().numpy()
+
+
 def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], files: dict[str, list[str]],
                  opts: CacheOptions) -> None:
-    writer = CacheWriter(out, attrs, rows, attrs["feature_dim"], opts.dtype, overwrite=True, split_files=files)
+    writer = CacheWriter(out, attrs, rows, attrs["feature_dim"], opts.dtype, overwrite=True, split_files=files,
+                         split_views=opts.view_plan().by_split(rows))
     try:
         writer.append_shards(shards)
         writer.finish()

@@ -3,6 +3,9 @@
 Layout: `/<split>/features` (N, 512) float16|float32 and `/<split>/labels` (N,) int64, chunked
 along rows, and for image folders `/<split>/files` (N,) the rows' image paths relative to the
 dataset; the root attributes describe the backbone, weights, preprocessing and dataset.
+Extra views (`fastfeat cache --tta flip --views N`) go to `/<split>/views` (N, V, D), same dtype, with
+the attributes `transforms` and `seeds` (JSON lists: each view's transform and seed, null when not
+random); readers that know only `features` read such a cache as before.
 A cache is written as `<out>.partial`, batch by batch (each split's `rows_written` attribute
 is updated after its rows are flushed), and renamed to `<out>` with `complete=True` at the end.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +53,7 @@ class CacheWriter:
         resume: bool = False,
         overwrite: bool = False,
         split_files: dict[str, list[str]] | None = None,
+        split_views: dict[str, list[dict]] | None = None,
     ):
         if dtype not in FEATURE_DTYPES:
             raise InputError(f"unknown --dtype {dtype!r}: choose float16 or float32")
@@ -57,6 +61,7 @@ class CacheWriter:
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
         self.attrs, self.split_files = file_attrs(attrs, split_rows, dtype), split_files or {}
+        self.split_views = {split: views for split, views in (split_views or {}).items() if views}
         if self.tmp.exists() and resume:
             self.file = self._reopen()
         elif self.tmp.exists() and not overwrite:
@@ -81,6 +86,8 @@ class CacheWriter:
             group.create_dataset("labels", (n,), dtype="int64", chunks=(chunk,))
             if split in self.split_files:
                 group.create_dataset("files", data=self.split_files[split], dtype=h5py.string_dtype())
+            if split in self.split_views:
+                _create_views(group, self.split_views[split], n, chunk, feature_dim, dtype)
             group.attrs["rows_written"] = 0
         f.flush()
         return f
@@ -101,12 +108,18 @@ class CacheWriter:
     def rows_written(self, split: str) -> int:
         return int(self.file[split].attrs["rows_written"])
 
-    def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Write rows [start, start + len(features)) of `split` and record them as done."""
+    def write(self, split: str, start: int, features: np.ndarray, labels: np.ndarray,
+              views: np.ndarray | None = None) -> None:
+        """Write rows [start, start + len(features)) of `split` (and their (n, V, D) extra views, which a
+        split with views requires) and record them as done."""
         group = self.file[split]
         stop = start + len(features)
+        if ("views" in group) != (views is not None):
+            raise FastfeatError(f"{self.tmp}: split {split} {'needs' if 'views' in group else 'has no'} views")
         group["features"][start:stop] = features
         group["labels"][start:stop] = labels
+        if views is not None:
+            group["views"][start:stop] = views
         self.file.flush()
         group.attrs["rows_written"] = stop
         self.file.flush()
@@ -127,10 +140,11 @@ class CacheWriter:
             row = 0
             for shard in shards:
                 with h5py.File(shard, "r") as f:
-                    features, labels = f[split]["features"], f[split]["labels"]
+                    features, labels, views = f[split]["features"], f[split]["labels"], f[split].get("views")
                     for start in range(0, len(labels), CHUNK_ROWS):
                         stop = min(len(labels), start + CHUNK_ROWS)
-                        self.write(split, row + start, features[start:stop], labels[start:stop])
+                        self.write(split, row + start, features[start:stop], labels[start:stop],
+                                   None if views is None else views[start:stop])
                     row += len(labels)
 
     def close(self) -> None:
@@ -141,6 +155,14 @@ class CacheWriter:
         self.file.close()
         if empty:
             self.tmp.unlink()
+
+
+def _create_views(group: h5py.Group, views: list[dict], rows: int, chunk: int, feature_dim: int, dtype: str) -> None:
+    """`views` (rows, V, D), each view's transform and seed in its attributes."""
+    data = group.create_dataset("views", (rows, len(views), feature_dim), dtype=dtype,
+                                chunks=(chunk, len(views), feature_dim))
+    data.attrs["transforms"] = json.dumps([v["transform"] for v in views])
+    data.attrs["seeds"] = json.dumps([v["seed"] for v in views])
 
 
 def file_attrs(attrs: dict, split_rows: dict[str, int], dtype: str) -> dict:
@@ -176,32 +198,36 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
         return bool(f.attrs.get("complete"))
 
 
-def _check_finite(path: Path, split: str, features: np.ndarray) -> None:
+def _check_finite(path: Path, name: str, features: np.ndarray) -> None:
     """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan."""
-    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(axis=1))
     if len(bad):
-        raise InputError(f"{path}: {split}/features hold nan or inf in {len(bad)} row(s), the first is row {bad[0]}; "
+        raise InputError(f"{path}: {name} hold nan or inf in {len(bad)} row(s), the first is row {bad[0]}; "
                          "rebuild the cache (with --dtype float32 if float16 overflowed)")
 
 
 @dataclass(frozen=True)
 class CacheData:
     """A complete cache in memory: per split `features` (N, D) float32 and `labels` (N,) int64, and
-    for image folders `files`, each row's image path relative to `attrs["dataset_path"]`."""
+    for image folders `files`, each row's image path relative to `attrs["dataset_path"]`; when asked for,
+    the splits' extra `views` (N, V, D) in their stored dtype and `view_names` (each view's transform)."""
 
     path: Path
     attrs: dict
     features: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     files: dict[str, list[str]]
+    views: dict[str, np.ndarray] = field(default_factory=dict)
+    view_names: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
         return json.loads(self.attrs["classes"])
 
 
-def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> CacheData:
-    """Load a complete fastfeat cache, or fail in one line saying what is wrong with it."""
+def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), views: bool = False) -> CacheData:
+    """Load a complete fastfeat cache (with `views`, the splits' extra views too), or fail in one line
+    saying what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
@@ -223,8 +249,34 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test")) ->
             recorded = attrs.get("feature_dim", features[split].shape[1])
             if features[split].shape[1] != recorded:
                 raise InputError(f"{path}: {split} features are {features[split].shape[1]}-d, the cache records {recorded}")
-            _check_finite(path, split, features[split])
-    return CacheData(path, attrs, features, labels, files)
+            _check_finite(path, f"{split}/features", features[split])
+        extra = {split: _read_views(path, f[split], split, features[split].shape) for split in splits if views}
+    return CacheData(path, attrs, features, labels, files, {s: v for s, (v, _) in extra.items() if v is not None},
+                     {s: names for s, (v, names) in extra.items() if v is not None})
+
+
+def read_views(path: str | Path, splits: tuple[str, ...]) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Only the extra views of those of `splits` that have them (see `read_cache`), for a reader that
+    has the features already."""
+    f, _ = _open_cache(Path(path))
+    with f:
+        found = {split: _read_views(Path(path), f[split], split, f[split]["features"].shape)
+                 for split in splits if split in f}
+    return {split: (views, names) for split, (views, names) in found.items() if views is not None}
+
+
+def _read_views(path: Path, group: h5py.Group, split: str, shape: tuple[int, int]) -> tuple[np.ndarray | None, list[str]]:
+    """A split's (N, V, D) views as stored (float16 stays float16) and their transforms; (None, []) if none."""
+    if "views" not in group:
+        return None, []
+    data = group["views"]
+    names = json.loads(data.attrs.get("transforms", "[]"))
+    if data.ndim != 3 or (data.shape[0], data.shape[2]) != shape or len(names) != data.shape[1]:
+        raise InputError(f"{path}: {split}/views {data.shape} do not match {split}/features {shape} "
+                         f"and its {len(names)} named transforms")
+    views = data[:]
+    _check_finite(path, f"{split}/views", views)
+    return views, names
 
 
 def _open_cache(path: Path) -> tuple[h5py.File, dict]:
@@ -246,8 +298,17 @@ def describe_cache(path: str | Path) -> dict:
     f, attrs = _open_cache(Path(path))
     with f:
         splits = {name: {"rows": len(group["labels"]), "rows_written": int(group.attrs["rows_written"]),
-                         "features": f"{tuple(group['features'].shape)} {group['features'].dtype}"}
+                         "features": f"{tuple(group['features'].shape)} {group['features'].dtype}",
+                         **_describe_views(group)}
                   for name, group in f.items()}
     return {"kind": "cache", "complete": bool(attrs.get("complete")),
             "spec": FeatureSpec.from_attrs(attrs, str(path)).to_attrs(), "classes": json.loads(attrs["classes"]),
             "splits": splits, **{key: attrs.get(key) for key in ("dataset", "dataset_path", "created", "fastfeat_version")}}
+
+
+def _describe_views(group: h5py.Group) -> dict:
+    if "views" not in group:
+        return {}
+    data = group["views"]
+    return {"views": f"{tuple(data.shape)} {data.dtype}", "view_transforms": json.loads(data.attrs["transforms"]),
+            "view_seeds": json.loads(data.attrs["seeds"])}

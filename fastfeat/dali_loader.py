@@ -92,6 +92,13 @@ def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, r
 
 
 @pipeline_def(enable_conditionals=False)
+def center_and_decoded_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
+    """`eval_pipeline`'s center crops and the decoded images they came from (for augmented views)."""
+    images = read_images(split, order, rows_per_batch, gpu)
+    return center_crop_normalize(resize_shorter(images, pre.resize, pre.interpolation), pre), images
+
+
+@pipeline_def(enable_conditionals=False)
 def train_pipeline(split: Split, order: np.ndarray, pre: Preprocess, aug: Augment, gpu: bool, rows_per_batch: int):
     """The recipe's fine-tune augmentation, random per sample (reproducible through the pipeline seed)."""
     images = read_images(split, order, rows_per_batch, gpu)
@@ -124,18 +131,36 @@ def dali_device_id(device: torch.device) -> int | None:
 
 def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
     """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device`."""
+    for (images,), rows in pipeline_outputs(pipe, split, order):
+        yield to_torch(images, torch.float32, device)[:rows]
+
+
+def pipeline_outputs(pipe, split: Split, order: np.ndarray) -> Iterator[tuple[tuple, int]]:
+    """`pipe`'s outputs for each batch over `order`, with the batch's number of real (not padding) rows."""
     batch_size = pipe.max_batch_size
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     for start in range(0, len(order), batch_size):
         try:
-            (images,) = pipe.run()
+            outputs = pipe.run()
         except Exception as exc:
             _stop(pipe)
             raise _pipeline_error(exc, split, order[start : start + (PREFETCH + 1) * batch_size]) from None
-        dense = images.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-        feed_ndarray(dense, out, cuda_stream=stream)
-        yield out[: min(batch_size, len(order) - start)]
+        yield outputs, min(batch_size, len(order) - start)
+
+
+def to_torch(batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor on `device` (device to device on a GPU)."""
+    dense = batch.as_tensor()
+    out = torch.empty(dense.shape(), dtype=dtype, device=device)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
+
+
+def decoded_to_torch(batch, rows: int, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """Decoded HWC uint8 images as one NCHW tensor when they share a size, else a list of CHW tensors."""
+    if batch.is_dense_tensor():
+        return to_torch(batch, torch.uint8, device)[:rows].permute(0, 3, 1, 2)
+    host = batch.as_cpu() if hasattr(batch, "device_id") else batch
+    return [torch.from_numpy(np.array(host.at(i))).permute(2, 0, 1).to(device) for i in range(rows)]
 
 
 def _stop(pipe) -> None:
@@ -183,6 +208,15 @@ def eval_batches(
 ) -> Iterator[torch.Tensor]:
     order = np.arange(len(split)) if order is None else order
     yield from run_pipeline(_build(eval_pipeline, split, order, batch_size, device, pre), split, order, device)
+
+
+def center_and_decoded_batches(
+    split: Split, pre: Preprocess, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]]:
+    order = np.arange(len(split))
+    pipe = _build(center_and_decoded_pipeline, split, order, batch_size, device, pre)
+    for (center, decoded), rows in pipeline_outputs(pipe, split, order):
+        yield to_torch(center, torch.float32, device)[:rows], decoded_to_torch(decoded, rows, device)
 
 
 def train_batches(

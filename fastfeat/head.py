@@ -35,6 +35,7 @@ from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
 from .spec import FeatureSpec
+from .views import VIEW_POLICIES, FlipAverage, HeadViews, ViewSampler, flip_average, head_views
 
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
@@ -74,6 +75,11 @@ class HeadOptions:
                                                            + ",".join(f"{v:g}" for v in SWEEP_L2_ROWS) + " / fit rows)")
     refit: bool = option(True, "--sweep: retrain the chosen setting on train + validation (the single-head path) "
                                "before the one test evaluation; --no-refit keeps the sweep's own head")
+    views_policy: str = option("sample", "sample: each epoch, one view per train row, drawn from its center crop and "
+                                         "the views the cache holds (fastfeat cache --views, --tta); center-only: "
+                                         "the center crops alone", choices=VIEW_POLICIES)
+    tta: bool | None = option(None, "evaluate on the mean of the center and flipped crops' probabilities "
+                                    "(default: when the cache holds flips)")
 
 
 @dataclass
@@ -90,6 +96,7 @@ class HeadResult:
     validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
     test: dict = field(default_factory=dict)
     sweep: dict | None = None  # --sweep: the grid, its validation accuracies and the chosen setting
+    views: dict = field(default_factory=dict)  # the views policy, each train view's rows read, the TTA
 
     @property
     def best_valid_acc(self) -> float:
@@ -116,7 +123,14 @@ class HeadResult:
             "options": self.options,
             "out": str(self.out),
             **({"sweep": self.sweep} if self.sweep is not None else {}),
+            "views": self.views,
         }
+
+    def views_line(self) -> str:
+        """Which views trained and evaluated the head, for the output."""
+        names, read = self.views.get("names", ["center"]), self.views.get("rows_read")
+        used = ", ".join(f"{n} {r}" for n, r in zip(names, read)) + " rows read" if read else "center crops only"
+        return f"views: {used} (--views-policy {self.views.get('policy')}); test-time flip: {self.views.get('tta')}"
 
 
 def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
@@ -129,42 +143,74 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
     fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
+    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x)
     opts = with_defaults(opts, len(fit_y))
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
     start = time.perf_counter()
-    head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log)
+    head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log, sampler, views.tta)
     seconds = time.perf_counter() - start
-    test = test_report(head, test_x, test_y)
+    test = test_report(evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip), test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
     validation = "holdout" if opts.val_fraction > 0 else "test"
-    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, test)
+    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, test, views=views.report(sampler))
+
+
+def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, fit_x: torch.Tensor,
+               val_x: torch.Tensor) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
+    """The cache's views as `opts` use them: the sampler of the fit rows' views, and the validation rows
+    (held-out train, or test without a holdout) as evaluation takes them (with their flips under TTA)."""
+    views = head_views(opts.cache, device, opts.views_policy, opts.tta, opts.val_fraction > 0)
+    rows = holdout_rows(train_y, opts.val_fraction, opts.seed)
+    if rows is None:
+        return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.test_flip)
+    return views, views.sampler(fit_x, rows[0], opts.seed), views.evaluation_input(val_x, views.train_flip, rows[1])
+
+
+def evaluated(head: nn.Module, tta: bool) -> nn.Module:
+    """What evaluation runs: the head, or under TTA the head on (center, flip) pairs, probabilities averaged."""
+    return FlipAverage(head) if tta else head
 
 
 def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
             fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fit_x, fit_y, val_x, val_y): a class-stratified, seeded `fraction` of train held out to validate
     on; with fraction 0, all of train to fit and the test split to validate on (the recipe's protocol)."""
-    if fraction == 0:
+    rows = holdout_rows(train_y, fraction, seed)
+    if rows is None:
         return train_x, train_y, test_x, test_y
-    fit, val = (torch.from_numpy(rows).to(train_x.device)
-                for rows in stratified_holdout(train_y.cpu().numpy(), fraction, seed))
-    if len(val) == 0:
-        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train_y)}: raise it, or pass 0")
+    fit, val = rows
     return train_x[fit], train_y[fit], train_x[val], train_y[val]
 
 
+def holdout_rows(train_y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (fit, validation) train rows of `holdout`; None with fraction 0."""
+    if fraction == 0:
+        return None
+    fit, val = (torch.from_numpy(rows).to(train_y.device)
+                for rows in stratified_holdout(train_y.cpu().numpy(), fraction, seed))
+    if len(val) == 0:
+        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train_y)}: raise it, or pass 0")
+    return fit, val
+
+
 def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             num_classes: int, opts: HeadOptions, log: Callable[[str], None] = print) -> tuple[LinearHead, list[dict]]:
-    """The training loop on tensors: returns the trained head and the per-epoch history."""
+             num_classes: int, opts: HeadOptions, log: Callable[[str], None] = print,
+             sampler: ViewSampler | None = None, tta: bool = False) -> tuple[LinearHead, list[dict]]:
+    """The training loop on tensors: returns the trained head and the per-epoch history. With a `sampler`,
+    each epoch trains on its views of the rows (standardised with the center crops' statistics); under
+    `tta`, `test_x` is (N, 2, D) center and flip pairs."""
     opts = with_defaults(opts, len(train_y))
+    train_x = train_x if sampler is None else sampler.buffer
     head = new_head(train_x, num_classes, opts.standardize)
     run_epoch, history = epoch_runner(head, opts, train_x, train_y), []
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
+        if sampler is not None:
+            sampler.refresh(epoch)
         train_loss, train_acc = run_epoch()
-        valid_loss, valid_acc = evaluate(head, test_x, test_y)
+        valid_loss, valid_acc = evaluate(evaluated(head, tta), test_x, test_y)
         seconds = time.perf_counter() - epoch_start
         if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
             raise FastfeatError(f"the head diverged in epoch {epoch} (train loss {train_loss}); nothing was saved: "
@@ -386,9 +432,10 @@ def sweep_grid(opts: HeadOptions, fit_rows: int) -> tuple[tuple[float, ...], tup
     return lrs, wds
 
 
-def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-    """(x - mean) / std as a new float32 tensor, in row blocks (no full-size temporary)."""
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: int = 8192,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / std as a float32 tensor (new, or `out`), in row blocks (no full-size temporary)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
     for block, target in zip(x.split(rows), out.split(rows)):
         torch.sub(block, mean, out=target).div_(std)
     return out
@@ -396,12 +443,14 @@ def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: i
 
 def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
               lrs: tuple[float, ...], weight_decays: tuple[float, ...], opts: HeadOptions,
-              log: Callable[[str], None] = print) -> SweepHeads:
+              log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> SweepHeads:
     """Train len(lrs) x len(weight_decays) sgd heads at once, as `sgd_epoch` trains one: features
     standardised once, zero init, the same shuffles (one seeded randperm per epoch), mini-batches, mean
     cross-entropy (label smoothing too) with a hand-written gradient, L2 on the weight only, nesterov
     momentum 0.9 and the per-step cosine decay, each head with its own lr and weight decay. A head whose
-    loss or weights stop being finite is frozen at zero and reported as diverged."""
+    loss or weights stop being finite is frozen at zero and reported as diverged. With a `sampler`, each
+    epoch trains on its views (see `fit_head`); (N, 2, D) `val_x` are center and flip pairs (TTA)."""
+    x = x if sampler is None else sampler.buffer
     device, dim, k = x.device, x.shape[1], num_classes
     heads = len(lrs) * len(weight_decays)
     if opts.standardize:
@@ -427,6 +476,8 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
         loss_sum.zero_()
+        if sampler is not None:
+            standardized(sampler.refresh(epoch), mean, std, out=z)
         for idx in torch.randperm(len(y), generator=generator, device=device).split(opts.batch_size):
             n = len(idx)
             inputs = torch.index_select(z, 0, idx, out=buffer[:n])
@@ -463,7 +514,7 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     with torch.no_grad():
         correct = torch.zeros(heads, device=device)
         for block, labels in zip(val_x.split(8192), val_y.split(8192)):
-            logits = torch.addmm(flat_bias, standardized(block, mean, std), flat_weight).view(len(labels), heads, k)
+            logits = sweep_logits(block, mean, std, flat_weight, flat_bias, k)
             correct += (logits.argmax(-1) == labels.unsqueeze(1)).sum(0)
     alive = live.tolist()
     val_acc = [acc if ok else None for acc, ok in zip((correct / len(val_y)).tolist(), alive)]
@@ -471,13 +522,27 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     return SweepHeads(tuple(lrs), tuple(weight_decays), weight, bias, mean, std, val_acc, train_loss)
 
 
+def sweep_logits(block: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flat_weight: torch.Tensor,
+                 flat_bias: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, K) every sweep head's logits of a (B, D) block, or of (B, 2, D) center and flip pairs the log of
+    the mean of the two probabilities."""
+    views = block.unbind(1) if block.ndim == 3 else (block,)
+    logits = [torch.addmm(flat_bias, standardized(v, mean, std), flat_weight).view(len(v), -1, num_classes)
+              for v in views]
+    return logits[0] if len(logits) == 1 else flip_average(*logits)
+
+
 def refit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, opts: HeadOptions,
-               log: Callable[[str], None] = print) -> tuple[LinearHead, list[dict]]:
-    """The single-head path (`new_head`, `epoch_runner`) on x without a holdout: history holds train numbers only."""
+               log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> tuple[LinearHead, list[dict]]:
+    """The single-head path (`new_head`, `epoch_runner`) on x without a holdout: history holds train numbers only.
+    With a `sampler`, each epoch trains on its views (see `fit_head`)."""
+    x = x if sampler is None else sampler.buffer
     head = new_head(x, num_classes, opts.standardize)
     run_epoch, history = epoch_runner(head, opts, x, y), []
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
+        if sampler is not None:
+            sampler.refresh(epoch)
         train_loss, train_acc = run_epoch()
         seconds = time.perf_counter() - epoch_start
         if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
@@ -495,6 +560,7 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
     fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
+    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x)
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
@@ -502,7 +568,7 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     log(f"sweep: {len(lrs) * len(wds)} sgd heads, {len(fit_y)} fit rows, {len(val_y)} validation rows; "
         f"lrs {', '.join(f'{v:g}' for v in lrs)}; weight decays {', '.join(f'{v:.3g}' for v in wds)}")
     start = time.perf_counter()
-    sweep = sweep_fit(fit_x, fit_y, val_x, val_y, len(classes), lrs, wds, opts, log)
+    sweep = sweep_fit(fit_x, fit_y, val_x, val_y, len(classes), lrs, wds, opts, log, sampler)
     sweep_seconds = time.perf_counter() - start
     best = sweep.best()
     best_lr, best_wd = lrs[best // len(wds)], wds[best % len(wds)]
@@ -511,16 +577,17 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
         f"({sweep_seconds:.2f} s)")
     history: list[dict] = []
     if opts.refit:
-        head, history = refit_head(train_x, train_y, len(classes), chosen, log)
+        sampler = views.sampler(train_x, None, opts.seed)
+        head, history = refit_head(train_x, train_y, len(classes), chosen, log, sampler)
     else:
         head = sweep.head(best)
     seconds = time.perf_counter() - start
-    test = test_report(head, test_x, test_y)
+    test = test_report(evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip), test_y)
     save_head(out, head, classes, spec, asdict(chosen), opts.standardize)
     grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
             "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
-    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid)
+    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid, views.report(sampler))
 
 
 def sweep_table(sweep: dict) -> list[str]:

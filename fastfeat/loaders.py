@@ -49,6 +49,22 @@ def eval_batches(
         yield per_size(batch, lambda images: eval_transform(images, pre))
 
 
+def center_and_decoded_batches(
+    split: Split, loader: str, pre: Preprocess, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]]:
+    """Like `eval_batches` (the same center crops), each batch with its decoded uint8 images (NCHW, or a
+    list of CHW for images of several sizes) on `device`, for views made from the same decode."""
+    if loader == "dali":
+        from . import dali_loader
+
+        yield from dali_loader.center_and_decoded_batches(split, pre, batch_size, device)
+        return
+    from .torch_loader import uint8_batches
+
+    for batch in uint8_batches(split, batch_size, device):
+        yield per_size(batch, lambda images: eval_transform(images, pre)), batch
+
+
 def train_batches(
     split: Split, loader: str, pre: Preprocess, aug: Augment, batch_size: int, device: torch.device,
     order: np.ndarray, seed: int,

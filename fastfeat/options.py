@@ -67,7 +67,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):  # None: decided later (e.g. by what a file holds)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
             group.add_argument(flag, type=_parser_for(hints[f.name]), default=f.default, choices=meta["choices"],

@@ -1,0 +1,207 @@
+"""Cached views: extra features per image beside the center crop, made in the cache's one pass and used
+by train-head (one view per row per epoch), knn and predict (test-time flip).
+
+A view is named by its transform: `flip` is the mirror of the center crop (the center crop of the
+mirrored image when the crop's left and right margins are equal, as at 256 -> 224; else one pixel off),
+flipped on the device; an augmentation name (`VIEW_AUGMENTS`) is a random view of the decoded image by
+`transforms.augment`, drawn from a generator seeded by (view seed, split, first row of the batch), so a
+rerun or a resumed run with the same batch size (and ranks) makes the same views.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .transforms import Augment, Preprocess, augment, per_size
+
+FLIP = "flip"
+TTA_CHOICES = (FLIP,)
+VIEW_AUGMENTS = ("recipe",)  # the augmentation presets a view can be drawn with
+VIEW_POLICIES = ("sample", "center-only")
+AUGMENTED_SPLIT = "train"  # augmented views are for training: only this split gets them
+
+
+def view_augment(name: str) -> Augment:
+    """The `Augment` a `--view-augment` name stands for: the one place names become augmentations."""
+    if name not in VIEW_AUGMENTS:
+        raise InputError(f"unknown --view-augment {name!r}: choose {', '.join(VIEW_AUGMENTS)}")
+    return Augment()
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Which extra views `fastfeat cache` makes: the flip of every split's center crop, and `views`
+    augmented views (`augment`, seeded with `seed`) of every train image."""
+
+    flip: bool = False
+    views: int = 0
+    augment: str = VIEW_AUGMENTS[0]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views < 0:
+            raise InputError(f"--views must be 0 or more, got {self.views}")
+        view_augment(self.augment)
+
+    def transforms(self, split: str) -> list[dict]:
+        """Each extra view of `split` as {"transform", "seed"} (seed None: not random)."""
+        flips = [{"transform": FLIP, "seed": None}] if self.flip else []
+        augmented = self.views if split == AUGMENTED_SPLIT else 0
+        return flips + [{"transform": self.augment, "seed": self.seed}] * augmented
+
+    def by_split(self, splits) -> dict[str, list[dict]]:
+        return {split: self.transforms(split) for split in splits}
+
+    def attrs(self) -> dict:
+        """Cache attributes: a partial cache resumes only with the same plan."""
+        return {"tta": FLIP if self.flip else "none", "views": self.views, "view_augment": self.augment,
+                "view_seed": self.seed}
+
+    def needs_decoded(self) -> bool:
+        """Whether the views need the decoded images (augmented views), not just the center crop."""
+        return self.views > 0
+
+    def images(self, split: str, first_row: int, center: torch.Tensor, decoded, pre: Preprocess) -> list[torch.Tensor]:
+        """The normalized float NCHW batch of each extra view of `split`'s rows from `first_row` on:
+        `center` is their center crops, `decoded` their uint8 images (NCHW or a list of CHW)."""
+        transforms = self.transforms(split)
+        if not transforms:
+            return []
+        g = batch_generator(self.seed, split, first_row, center.device)
+        return [VIEW_MAKERS[t["transform"]](center, decoded, pre, t["transform"], g) for t in transforms]
+
+
+def _flipped(center: torch.Tensor, decoded, pre: Preprocess, name: str, g: torch.Generator) -> torch.Tensor:
+    return center.flip(-1)
+
+
+def _augmented(center: torch.Tensor, decoded, pre: Preprocess, name: str, g: torch.Generator) -> torch.Tensor:
+    aug = view_augment(name)
+    return per_size(decoded, lambda images: augment(images, pre, aug, g))
+
+
+VIEW_MAKERS: dict[str, Callable] = {FLIP: _flipped, **{name: _augmented for name in VIEW_AUGMENTS}}
+
+
+def batch_generator(seed: int, split: str, first_row: int, device: torch.device) -> torch.Generator:
+    """The generator of one batch's augmented views: a function of (seed, split, first row) only."""
+    state = np.random.SeedSequence([seed, zlib.crc32(split.encode()), first_row]).generate_state(2, np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# ---- using cached views: train-head's sampling and the test-time flip ------------------------------------
+
+
+class ViewSampler:
+    """Each epoch, one view per row: the center or one of the row's extra views. Views are drawn in cycles
+    of (1 + V) epochs, each cycle a seeded random permutation per row, so over a cycle every row reads every
+    view exactly once. `buffer` (float32, the center at first) holds the epoch's rows after `refresh`;
+    `views` stay float16 on the device and one (N, D) gather per epoch reads them."""
+
+    def __init__(self, center: torch.Tensor, views: torch.Tensor, names: list[str], seed: int):
+        self.center, self.views, self.names = center, views, ["center", *names]
+        self.buffer = center.clone()
+        self.generator = torch.Generator(center.device).manual_seed(seed)
+        self.rows_read = torch.zeros(len(self.names), dtype=torch.long)
+        self.order = torch.empty(0)
+
+    def choices(self, epoch: int) -> torch.Tensor:
+        """(N,) the view each row reads in `epoch`: 0 the center, v > 0 extra view v - 1."""
+        n, cycle = len(self.center), len(self.names)
+        if epoch % cycle == 0 or len(self.order) != n:
+            self.order = torch.rand(n, cycle, generator=self.generator, device=self.center.device).argsort(1)
+        return self.order[:, epoch % cycle]
+
+    def refresh(self, epoch: int) -> torch.Tensor:
+        """Fill `buffer` with `epoch`'s view of every row and return it."""
+        choice = self.choices(epoch)
+        extra = torch.nonzero(choice).squeeze(1)
+        self.buffer.copy_(self.center)
+        self.buffer[extra] = self.views[extra, choice[extra] - 1].float()
+        self.rows_read += torch.bincount(choice, minlength=len(self.names)).cpu()
+        return self.buffer
+
+    def report(self) -> dict:
+        return {"names": self.names, "rows_read": self.rows_read.tolist()}
+
+
+class FlipAverage(nn.Module):
+    """Test-time flip: log of the mean of the probabilities of a (N, 2, D) batch's two views (center, flip).
+    Log-probabilities are logits whose cross-entropy is -log p(label), so every evaluation can use them."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return flip_average(self.head(pairs[:, 0]), self.head(pairs[:, 1]))
+
+
+def flip_average(center_logits: torch.Tensor, flip_logits: torch.Tensor) -> torch.Tensor:
+    """log((softmax(center) + softmax(flip)) / 2), computed stably."""
+    both = torch.stack([center_logits.float().log_softmax(-1), flip_logits.float().log_softmax(-1)])
+    return both.logsumexp(0) - np.log(2.0)
+
+
+def flip_index(names: list[str]) -> int | None:
+    """Where the flip is among a split's extra views, if cached."""
+    return names.index(FLIP) if FLIP in names else None
+
+
+def resolve_tta(wanted: bool | None, available: bool, cache: str) -> bool:
+    """--tta: None uses the flips when the cache holds them; True requires them; False turns them off."""
+    if wanted and not available:
+        raise InputError(f"--tta: {cache} holds no flipped views (build it with fastfeat cache --tta flip), "
+                         "or pass --no-tta")
+    return available if wanted is None else wanted
+
+
+@dataclass
+class HeadViews:
+    """A cache's views as train-head uses them: `train` (N, V, D) float16 views that each epoch samples
+    from (None: center only, by policy or because the cache has none), named `names`, and under `tta` the
+    flipped center crops of train (for a holdout) and test, (N, D) float16."""
+
+    train: torch.Tensor | None
+    names: list[str]
+    policy: str
+    tta: bool
+    train_flip: torch.Tensor | None
+    test_flip: torch.Tensor | None
+
+    def sampler(self, center: torch.Tensor, rows: torch.Tensor | None, seed: int) -> ViewSampler | None:
+        """The sampler over the train rows `rows` (None: all), whose center features are `center`."""
+        if self.train is None:
+            return None
+        return ViewSampler(center, self.train if rows is None else self.train[rows], self.names, seed)
+
+    def evaluation_input(self, x: torch.Tensor, flips: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`x`, or under TTA the (N, 2, D) pairs of `x` and its rows' flips (`flips[rows]`)."""
+        if not self.tta:
+            return x
+        return torch.stack([x, (flips if rows is None else flips[rows]).float()], 1)
+
+    def report(self, sampler: ViewSampler | None) -> dict:
+        """What the output says was used: the policy, each train view's rows read, and the TTA."""
+        return {"policy": self.policy, **(sampler.report() if sampler else {"names": ["center"]}),
+                "tta": FLIP if self.tta else "none"}
+
+
+def head_views(cache: str, device: torch.device, policy: str, tta: bool | None, holdout: bool) -> HeadViews:
+    """The views of `cache` that train-head will use (flips for TTA on train only with a `holdout`)."""
+    if policy not in VIEW_POLICIES:
+        raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
+    from .cache_file import read_views
+
+    found = {split: (torch.from_numpy(views).to(device, torch.float16), names)
+             for split, (views, names) in read_views(cache, ("train", "test")).items()}
+    flips = {split: views[:, flip_index(names)] for split, (views, names) in found.items() if FLIP in names}
+    use_tta = resolve_tta(tta, "test" in flips and ("train" in flips or not holdout), cache)
+    train, names = found.get("train", (None, [])) if policy == "sample" else (None, [])
+    return HeadViews(train, names, policy, use_tta, flips.get("train"), flips.get("test"))
