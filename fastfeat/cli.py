@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=128, help="images per batch")
     pr.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision")
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                    help="test-time flip: average the probabilities of each center crop and its mirror")
     pr.add_argument("--predictions", default=None, help="with --data: a CSV of every image's true and predicted class")
     _metrics_flag(pr)
 
@@ -167,7 +169,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
     if bool(args.images) == bool(args.data):
         raise InputError("give either image files or --data DIR")
-    predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp)
+    predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp, args.tta)
     if args.data:
         from .evaluation import classification_report, write_predictions
 

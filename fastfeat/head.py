@@ -35,7 +35,7 @@ from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
 from .spec import FeatureSpec
-from .views import VIEW_POLICIES, FlipAverage, HeadViews, ViewSampler, flip_average, head_views
+from .views import VIEW_POLICIES, FlipAverage, HeadViews, ViewSampler, flip_average, load_views
 
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
@@ -161,7 +161,7 @@ def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, f
                val_x: torch.Tensor) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
     """The cache's views as `opts` use them: the sampler of the fit rows' views, and the validation rows
     (held-out train, or test without a holdout) as evaluation takes them (with their flips under TTA)."""
-    views = head_views(opts.cache, device, opts.views_policy, opts.tta, opts.val_fraction > 0)
+    views = load_views(opts.cache, device, opts.views_policy, opts.tta, opts.val_fraction > 0)
     rows = holdout_rows(train_y, opts.val_fraction, opts.seed)
     if rows is None:
         return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.test_flip)

@@ -29,6 +29,7 @@ from .head import load_features
 from .options import option
 from .runtime import resolve_device
 from .sources import stratified_holdout
+from .views import load_views
 
 SIMILARITY_BYTES = 256 * 2**20  # the largest block of similarities held at once
 MIN_QUERY_ROWS = 64  # train is split into blocks only when a block of this many queries would not fit
@@ -46,6 +47,8 @@ class KnnOptions:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     batch_size: int | None = option(None, "queries per block (default: as many as keep a block of similarities "
                                           f"within {SIMILARITY_BYTES // 2**20} MiB)")
+    tta: bool | None = option(None, "classify each query by the mean of its center and flipped crops' vote shares "
+                                    "(default: when the cache holds flips, fastfeat cache --tta flip)")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class KnnResult:
     seconds: float
     device: str
     options: dict = field(default_factory=dict)
+    tta: bool = False
 
     @property
     def best_k(self) -> int:
@@ -76,6 +80,7 @@ class KnnResult:
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
             "device": self.device,
+            "tta": "flip" if self.tta else "none",
             "options": self.options,
         }
 
@@ -93,7 +98,8 @@ class KnnResult:
                  f"{self.rows['neighbours_test']} for {self.rows['test']} test queries; best k {best} by validation"
                  if self.val else f"{self.rows['neighbours_test']} train rows for {self.rows['test']} test queries, "
                                   f"no validation; best k {best} on test")
-        return (f"knn in {self.seconds:.2f} s on {self.device} (T {self.options['temperature']:g}): "
+        return (f"knn in {self.seconds:.2f} s on {self.device} (T {self.options['temperature']:g}"
+                f"{', test-time flip' if self.tta else ''}): "
                 f"{split}: {chosen}test acc {self.test[best]:.4f}")
 
 
@@ -116,6 +122,7 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
     opts = check_options(opts)
     device = resolve_device(opts.device)
     _, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    views = load_views(opts.cache, device, "center-only", opts.tta, opts.val_fraction > 0)
     ks = opts.k
     kept = held = None
     if opts.val_fraction > 0:
@@ -132,17 +139,24 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
     if held is not None:
         kept_t, held_t = (torch.from_numpy(rows).to(device) for rows in (kept, held))
         preds = knn_predict(train_x[kept_t], train_y[kept_t], train_x[held_t], ks, opts.temperature, len(classes),
-                            opts.batch_size)
+                            opts.batch_size, flipped=normalized_flips(views.train_flip, views.tta, held_t))
         val = accuracies(preds, train_y[held_t])
     preds = knn_predict(train_x, train_y, F.normalize(test_x, dim=1), ks, opts.temperature, len(classes),
-                        opts.batch_size)
+                        opts.batch_size, flipped=normalized_flips(views.test_flip, views.tta))
     test = accuracies(preds, test_y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     rows = {"train": len(train_y), "val": 0 if held is None else len(held), "test": len(test_y),
             "neighbours_val": 0 if kept is None else len(kept), "neighbours_test": len(train_y)}
-    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)})
+    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, views.tta)
+
+
+def normalized_flips(flips: torch.Tensor | None, tta: bool, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The L2-normalised flipped queries (of `rows`) under TTA, else None."""
+    if not tta:
+        return None
+    return F.normalize((flips if rows is None else flips[rows]).float(), dim=1)
 
 
 def check_k(ks: Iterable[int], rows: int, what: str) -> None:
@@ -158,11 +172,13 @@ def accuracies(preds: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[int
 @torch.no_grad()
 def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Tensor, ks: Iterable[int],
                 temperature: float, num_classes: int, query_rows: int | None = None, train_rows: int | None = None,
-                budget_bytes: int = SIMILARITY_BYTES) -> dict[int, torch.Tensor]:
+                budget_bytes: int = SIMILARITY_BYTES, flipped: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """The predicted class of every query for every k: {k: (Q,) int64}.
 
     `train_x` and `queries` L2-normalised, on one device. Queries are taken `query_rows` at a time and
-    train `train_rows` at a time (defaults: blocks of at most `budget_bytes` of float32 similarities)."""
+    train `train_rows` at a time (defaults: blocks of at most `budget_bytes` of float32 similarities).
+    With `flipped` (the queries' flipped views, normalised), a query's class is the argmax of the mean of
+    its two views' vote shares (votes / their sum: DINOv2's softmax probabilities over the k neighbours)."""
     ks = sorted(set(ks))
     max_k = ks[-1]
     if not 1 <= ks[0] <= max_k <= len(train_x):
@@ -170,12 +186,23 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Ten
     query_rows, train_rows = block_sizes(len(queries), len(train_x), query_rows, train_rows, budget_bytes)
     buffer = queries.new_empty(query_rows * train_rows, dtype=torch.float32)
     preds = {k: torch.empty(len(queries), dtype=torch.long, device=queries.device) for k in ks}
+    def votes(block: torch.Tensor) -> list[torch.Tensor]:
+        sims, idx = top_neighbours(block.float(), train_x, max_k, train_rows, buffer)
+        return cumulative_votes(sims, train_y[idx], ks, temperature, num_classes)
+
     for start in range(0, len(queries), query_rows):
-        block = queries[start : start + query_rows].float()
-        sims, idx = top_neighbours(block, train_x, max_k, train_rows, buffer)
-        for k, votes in zip(ks, cumulative_votes(sims, train_y[idx], ks, temperature, num_classes)):
-            preds[k][start : start + len(block)] = votes.argmax(1)
+        stop = min(start + query_rows, len(queries))
+        scores = votes(queries[start:stop])
+        if flipped is not None:
+            scores = [shares(a) + shares(b) for a, b in zip(scores, votes(flipped[start:stop]))]
+        for k, score in zip(ks, scores):
+            preds[k][start:stop] = score.argmax(1)
     return preds
+
+
+def shares(votes: torch.Tensor) -> torch.Tensor:
+    """Each query's class votes as fractions of its total."""
+    return votes / votes.sum(1, keepdim=True)
 
 
 def block_sizes(queries: int, train: int, query_rows: int | None, train_rows: int | None,

@@ -16,6 +16,7 @@ from .runtime import amp_dtype, autocast, resolve_device
 from .sources import open_dataset
 from .torch_loader import decode_file
 from .transforms import Preprocess, eval_transform, per_size
+from .views import flip_average
 
 
 @dataclass
@@ -47,18 +48,23 @@ def load_classifier(path: str | Path, weights: str | None = None) -> Classifier:
 
 
 class Predictor:
-    """A classifier on a device, with autocast: logits for normalized batches."""
+    """A classifier on a device, with autocast: probabilities for normalized batches; with `tta`, the mean
+    of the probabilities of each center crop and its mirror (as train-head's test-time flip)."""
 
-    def __init__(self, classifier: Classifier, device: str = "auto", amp: bool = True):
+    def __init__(self, classifier: Classifier, device: str = "auto", amp: bool = True, tta: bool = False):
         self.device = resolve_device(device)
         self.dtype = amp_dtype(self.device, amp)
         self.classifier = classifier
         self.model = classifier.model.to(self.device)
+        self.tta = tta
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
         with autocast(self.device, self.dtype):
-            return self.model(images.to(self.device)).float().softmax(1)
+            if self.tta:
+                return flip_average(self.model(images), self.model(images.flip(-1))).exp()
+            return self.model(images).float().softmax(1)
 
     def predict_files(self, files: list[str], topk: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) for each image file."""

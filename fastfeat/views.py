@@ -109,14 +109,15 @@ class ViewSampler:
         self.buffer = center.clone()
         self.generator = torch.Generator(center.device).manual_seed(seed)
         self.rows_read = torch.zeros(len(self.names), dtype=torch.long)
-        self.order = torch.empty(0)
+        self.cycle, self.order = -1, torch.empty(0)
 
     def choices(self, epoch: int) -> torch.Tensor:
-        """(N,) the view each row reads in `epoch`: 0 the center, v > 0 extra view v - 1."""
-        n, cycle = len(self.center), len(self.names)
-        if epoch % cycle == 0 or len(self.order) != n:
-            self.order = torch.rand(n, cycle, generator=self.generator, device=self.center.device).argsort(1)
-        return self.order[:, epoch % cycle]
+        """(N,) the view each row reads in `epoch` (epochs in order): 0 the center, v > 0 extra view v - 1."""
+        n, views = len(self.center), len(self.names)
+        if epoch // views != self.cycle:
+            self.cycle = epoch // views
+            self.order = torch.rand(n, views, generator=self.generator, device=self.center.device).argsort(1)
+        return self.order[:, epoch % views]
 
     def refresh(self, epoch: int) -> torch.Tensor:
         """Fill `buffer` with `epoch`'s view of every row and return it."""
@@ -193,8 +194,9 @@ class HeadViews:
                 "tta": FLIP if self.tta else "none"}
 
 
-def head_views(cache: str, device: torch.device, policy: str, tta: bool | None, holdout: bool) -> HeadViews:
-    """The views of `cache` that train-head will use (flips for TTA on train only with a `holdout`)."""
+def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, holdout: bool) -> HeadViews:
+    """The views of `cache` that train-head (and knn, center-only) will use: TTA needs the test split's flips,
+    and with a `holdout` of train to validate on, train's."""
     if policy not in VIEW_POLICIES:
         raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
     from .cache_file import read_views

@@ -99,14 +99,18 @@ def learnable(tmp_path_factory) -> Path:
 
 
 def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
-                **attrs) -> Path:
-    """A cache file as `fastfeat cache` writes it, from given features and labels."""
+                views: dict[str, tuple[list[str], np.ndarray]] | None = None, **attrs) -> Path:
+    """A cache file as `fastfeat cache` writes it, from given features and labels (and per split the
+    names and (N, V, D) features of extra views)."""
     dataset = Dataset("folder", out.parent, tuple(classes), {})
     dim = next(iter(splits.values()))[0].shape[1]
     base = cache_attrs(dataset, FeatureSpec("resnet18", "none:seed=0", "0" * 64, dim, Preprocess(), "bfloat16"), 128)
-    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim)
+    views = views or {}
+    split_views = {s: [{"transform": name, "seed": 0} for name in names] for s, (names, _) in views.items()}
+    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim,
+                         split_views=split_views)
     for split, (x, y) in splits.items():
-        writer.write(split, 0, x, y)
+        writer.write(split, 0, x, y, views[split][1] if split in views else None)
     if finish:
         writer.finish()
     writer.close()
