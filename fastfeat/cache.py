@@ -22,7 +22,7 @@ from .runtime import amp_dtype, precision_name
 from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
-from .views import TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
+from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
 
 
 @dataclass
@@ -95,7 +95,7 @@ def warn_empty_classes(dataset: Dataset) -> None:
 
 
 def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int | None = None, seed: int = 0,
-                plan: ViewPlan = ViewPlan()) -> dict:
+                plan: ViewPlan = NO_VIEWS) -> dict:
     """The attributes that make a cache self-describing (and decide whether a partial one can resume)."""
     return {
         **plan.attrs(),

@@ -97,7 +97,8 @@ def run_cache(args: argparse.Namespace) -> None:
     if not is_main_process():
         return
     print(
-        f"cached {result.images} images in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s) "
+        f"cached {result.images} images" + (f" and {result.views} views" if result.views else "") +
+        f" in {result.seconds:.1f} s ({result.images_per_second:.1f} img/s) "
         f"loader={result.loader} device={result.device} precision={result.precision} "
         f"-> {result.out} ({human_bytes(result.size_bytes)})"
     )

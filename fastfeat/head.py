@@ -35,7 +35,14 @@ from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
 from .spec import FeatureSpec
-from .views import VIEW_POLICIES, FlipAverage, HeadViews, ViewSampler, flip_average, load_views
+from .views import (
+    VIEW_POLICIES,
+    FlipAverage,
+    HeadViews,
+    ViewSampler,
+    flip_average,
+    load_views,
+)
 
 # what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}

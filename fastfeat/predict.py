@@ -11,7 +11,12 @@ from .backbone import build_backbone, rebuild_backbone
 from .errors import InputError
 from .evaluation import classification_report
 from .loaders import eval_batches, resolve_loader
-from .model_files import CHECKPOINT_FORMAT, checkpoint_spec, head_from_state, read_model_file
+from .model_files import (
+    CHECKPOINT_FORMAT,
+    checkpoint_spec,
+    head_from_state,
+    read_model_file,
+)
 from .runtime import amp_dtype, autocast, resolve_device
 from .sources import open_dataset
 from .torch_loader import decode_file

@@ -77,6 +77,9 @@ class ViewPlan:
         return [VIEW_MAKERS[t["transform"]](center, decoded, pre, t["transform"], g) for t in transforms]
 
 
+NO_VIEWS = ViewPlan()
+
+
 def _flipped(center: torch.Tensor, decoded, pre: Preprocess, name: str, g: torch.Generator) -> torch.Tensor:
     return center.flip(-1)
 

@@ -3,6 +3,7 @@ weights file, small image folders."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,21 @@ def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], cla
         writer.finish()
     writer.close()
     return out
+
+
+def interrupt_cache(monkeypatch, build: Callable[[], object], stop: Callable[[str, int], bool]) -> None:
+    """Run `build` (a cache run) with Ctrl-C arriving at the first batch write for which `stop(split, start)`."""
+    real_write = CacheWriter.write
+
+    def interrupted_write(self, split, start, *args):
+        if stop(split, start):
+            raise KeyboardInterrupt
+        real_write(self, split, start, *args)
+
+    monkeypatch.setattr(CacheWriter, "write", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        build()
+    monkeypatch.setattr(CacheWriter, "write", real_write)
 
 
 def separable(n: int, rng: np.random.Generator, k: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:

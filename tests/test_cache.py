@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms as T
-from conftest import MEAN, STD
+from conftest import MEAN, STD, interrupt_cache
 from PIL import Image
 
 from fastfeat import CacheOptions, InputError, build_cache, open_dataset, read_cache
@@ -181,17 +181,7 @@ def test_resume_gives_the_same_file_as_an_uninterrupted_run(sample, tmp_path, mo
 def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path, monkeypatch):
     kw = dict(splits=("train",), loader="torch", weights="none", batch_size=2, image_size=32, resize=36)
     out = tmp_path / "c.h5"
-    real_write = CacheWriter.write
-
-    def interrupted_write(self, split, start, *args):
-        if start >= 2:
-            raise KeyboardInterrupt
-        real_write(self, split, start, *args)
-
-    monkeypatch.setattr(CacheWriter, "write", interrupted_write)
-    with pytest.raises(KeyboardInterrupt):
-        cache(folder, out, **kw)
-    monkeypatch.setattr(CacheWriter, "write", real_write)
+    interrupt_cache(monkeypatch, lambda: cache(folder, out, **kw), lambda split, start: start >= 2)
     (folder / "train" / "cat" / "0.jpg").rename(folder / "train" / "cat" / "9.jpg")  # same count, other rows
     with pytest.raises(InputError, match="train image files differ"):
         cache(folder, out, resume=True, **kw)
@@ -326,7 +316,9 @@ def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "cached 40 images" in proc.stdout and "img/s" in proc.stderr  # summary + tqdm bars
     m = json.loads(metrics.read_text())
-    assert set(m) == {"command", "images", "seconds", "images_per_second", "loader", "device", "precision", "ranks", "out"}
+    assert set(m) == {"command", "images", "views", "backbone_images", "seconds", "images_per_second", "loader", "device",
+                      "precision", "ranks", "out"}
+    assert m["views"] == 0 and m["backbone_images"] == 40  # no --tta, no --views: the center crops alone
     assert m["images"] == 40 and m["out"] == str(out) and m["precision"] == "bfloat16" and m["device"] == "cpu"
 
 

@@ -91,16 +91,16 @@ def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched
     calls = {"sweep": [], "refit": [], "evaluate": []}
     real_sweep, real_refit, real_evaluate = head_module.sweep_fit, head_module.refit_head, head_module.evaluate
 
-    def sweep_spy(x, y, val_x, val_y, k, lrs, wds, opts, log):
+    def sweep_spy(x, y, val_x, val_y, k, lrs, wds, opts, log, *views):
         calls["sweep"].append((len(y), len(val_y)))
-        result = real_sweep(x, y, val_x, val_y, k, lrs, wds, opts, log)
+        result = real_sweep(x, y, val_x, val_y, k, lrs, wds, opts, log, *views)
         # make the choice depend on validation: the middle lr with the smaller weight decay wins
         result.val_acc = [0.5, 0.5, 0.9, 0.4, 0.1, 0.1]
         return result
 
-    def refit_spy(x, y, k, opts, log):
+    def refit_spy(x, y, k, opts, log, *views):
         calls["refit"].append((len(y), opts.lr, opts.weight_decay))
-        return real_refit(x, y, k, opts, log)
+        return real_refit(x, y, k, opts, log, *views)
 
     monkeypatch.setattr(head_module, "sweep_fit", sweep_spy)
     monkeypatch.setattr(head_module, "refit_head", refit_spy)

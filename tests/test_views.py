@@ -3,9 +3,9 @@ readable, resume and torchrun joins keep views, train-head samples them and eval
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, run, separable, write_cache
+from conftest import CLASSES, interrupt_cache, run, separable, write_cache
 from PIL import Image
 from test_cache import LOADERS
 from test_distributed import SMALL, torchrun
 
 from fastfeat import CacheOptions, InputError, build_cache, read_cache
-from fastfeat.cache_file import CacheWriter, describe_cache, partial_path
+from fastfeat.cache_file import describe_cache, partial_path
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.knn import knn_predict
 from fastfeat.loaders import dali_available
@@ -99,17 +99,8 @@ def test_layout_is_readable_by_the_old_reader_and_described(tmp_path):
 def test_resume_keeps_views_and_refuses_other_view_settings(tmp_path, monkeypatch):
     data, kw = png_folder(tmp_path / "a", per_class=4), dict(loader="torch", tta="flip", views=2, batch_size=2)
     whole = cache(data, tmp_path / "whole.h5", **kw)
-    out, real_write = tmp_path / "resumed.h5", CacheWriter.write
-
-    def interrupted_write(self, split, start, *args):
-        if split == "train" and start >= 4:
-            raise KeyboardInterrupt
-        real_write(self, split, start, *args)
-
-    monkeypatch.setattr(CacheWriter, "write", interrupted_write)
-    with pytest.raises(KeyboardInterrupt):
-        cache(data, out, **kw)
-    monkeypatch.setattr(CacheWriter, "write", real_write)
+    out = tmp_path / "resumed.h5"
+    interrupt_cache(monkeypatch, lambda: cache(data, out, **kw), lambda split, start: split == "train" and start >= 4)
     assert partial_path(out).exists()
     with pytest.raises(InputError, match="different views"):
         cache(data, out, resume=True, **{**kw, "views": 1})
@@ -146,7 +137,7 @@ def views_cache(out: Path, n_views: int = 2, rows: int = 240) -> tuple[Path, dic
 
 
 def test_train_head_reads_every_view_equally_and_trains_on_them(tmp_path, monkeypatch):
-    path, data = views_cache(tmp_path / "v.h5")
+    path, _ = views_cache(tmp_path / "v.h5")
     reads, real_refresh = [], ViewSampler.refresh
 
     def recorded(self, epoch):
