@@ -104,30 +104,32 @@ def batch_generator(seed: int, split: str, first_row: int, device: torch.device)
 class ViewSampler:
     """Each epoch, one view per row: the center or one of the row's extra views. Views are drawn in cycles
     of (1 + V) epochs, each cycle a seeded random permutation per row, so over a cycle every row reads every
-    view exactly once. `buffer` (float32, the center at first) holds the epoch's rows after `refresh`;
-    `views` stay float16 on the device and one (N, D) gather per epoch reads them."""
+    view exactly once. `buffer` (float32, the center at first) holds the epoch's rows after `refresh`.
+    The center and the views stay in the cache's dtype (float16 by default) on the device, as one
+    (N * (1 + V), D) table: an epoch is one row gather from it and one conversion into `buffer`."""
 
     def __init__(self, center: torch.Tensor, views: torch.Tensor, names: list[str], seed: int):
-        self.center, self.views, self.names = center, views, ["center", *names]
-        self.buffer = center.clone()
+        n, v, dim = views.shape
+        self.names = ["center", *names]
+        self.table = torch.cat([center.to(views.dtype)[:, None], views], 1).view(n * (v + 1), dim)
+        self.buffer, self.gathered = center.clone(), views.new_empty(n, dim)
         self.generator = torch.Generator(center.device).manual_seed(seed)
         self.rows_read = torch.zeros(len(self.names), dtype=torch.long)
         self.cycle, self.order = -1, torch.empty(0)
 
     def choices(self, epoch: int) -> torch.Tensor:
         """(N,) the view each row reads in `epoch` (epochs in order): 0 the center, v > 0 extra view v - 1."""
-        n, views = len(self.center), len(self.names)
+        n, views = len(self.buffer), len(self.names)
         if epoch // views != self.cycle:
             self.cycle = epoch // views
-            self.order = torch.rand(n, views, generator=self.generator, device=self.center.device).argsort(1)
+            self.order = torch.rand(n, views, generator=self.generator, device=self.buffer.device).argsort(1)
         return self.order[:, epoch % views]
 
     def refresh(self, epoch: int) -> torch.Tensor:
         """Fill `buffer` with `epoch`'s view of every row and return it."""
         choice = self.choices(epoch)
-        extra = torch.nonzero(choice).squeeze(1)
-        self.buffer.copy_(self.center)
-        self.buffer[extra] = self.views[extra, choice[extra] - 1].float()
+        rows = torch.arange(len(choice), device=choice.device) * len(self.names) + choice
+        self.buffer.copy_(torch.index_select(self.table, 0, rows, out=self.gathered))
         self.rows_read += torch.bincount(choice, minlength=len(self.names)).cpu()
         return self.buffer
 
@@ -168,8 +170,8 @@ def resolve_tta(wanted: bool | None, available: bool, cache: str) -> bool:
 
 @dataclass
 class HeadViews:
-    """A cache's views as train-head uses them: `train` (N, V, D) float16 views that each epoch samples
-    from (None: center only, by policy or because the cache has none), named `names`, and under `tta` the
+    """A cache's views as train-head uses them: `train` (N, V, D) views (the cache's dtype, float16 by
+    default) that each epoch samples from (None: center only, by policy or because the cache has none), named `names`, and under `tta` the
     flipped center crops of train (for a holdout) and test, (N, D) float16."""
 
     train: torch.Tensor | None
@@ -204,7 +206,7 @@ def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, 
         raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
     from .cache_file import read_views
 
-    found = {split: (torch.from_numpy(views).to(device, torch.float16), names)
+    found = {split: (torch.from_numpy(views).to(device), names)
              for split, (views, names) in read_views(cache, ("train", "test")).items()}
     flips = {split: views[:, flip_index(names)] for split, (views, names) in found.items() if FLIP in names}
     use_tta = resolve_tta(tta, "test" in flips and ("train" in flips or not holdout), cache)

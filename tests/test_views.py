@@ -138,18 +138,23 @@ def views_cache(out: Path, n_views: int = 2, rows: int = 240) -> tuple[Path, dic
 
 def test_train_head_reads_every_view_equally_and_trains_on_them(tmp_path, monkeypatch):
     path, _ = views_cache(tmp_path / "v.h5")
-    reads, real_refresh = [], ViewSampler.refresh
+    reads, sampled, real_refresh, real_init = [], {}, ViewSampler.refresh, ViewSampler.__init__
+
+    def init(self, center, views, names, seed):
+        sampled.update(center=center.clone(), views=views.float())
+        real_init(self, center, views, names, seed)
 
     def recorded(self, epoch):
         buffer = real_refresh(self, epoch)
         choice = self.choices(epoch)
-        expected = torch.where(choice[:, None] == 0, self.center,
-                               self.views[torch.arange(len(choice)), (choice - 1).clamp(min=0)].float())
+        center, views = sampled["center"], sampled["views"]
+        expected = torch.where(choice[:, None] == 0, center, views[torch.arange(len(choice)), (choice - 1).clamp(min=0)])
         torch.testing.assert_close(buffer, expected)
         reads.append(choice.clone())
         return buffer
 
     monkeypatch.setattr(ViewSampler, "refresh", recorded)
+    monkeypatch.setattr(ViewSampler, "__init__", init)
     result = train_head(HeadOptions(cache=str(path), out=str(tmp_path / "h.pt"), device="cpu", epochs=8),
                         log=lambda line: None)
     fit_rows = len(reads[0])
