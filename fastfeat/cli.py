@@ -115,6 +115,7 @@ def run_train_head(args: argparse.Namespace) -> None:
         print(f"swept {heads} heads in {result.sweep['seconds']:.2f} s: best lr {best['lr']:g}, weight decay "
               f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} (on {args.val_fraction:g} of train held out), "
               f"{refit}; test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
+        _written(args)
         if args.metrics:
             write_json(args.metrics, result.metrics())
         return
@@ -123,8 +124,17 @@ def run_train_head(args: argparse.Namespace) -> None:
     print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
           f"(best {result.best_valid_acc:.4f}, {validated}); test acc {result.test['top1']:.4f}, "
           f"evaluated once -> {result.out}")
+    _written(args)
     if args.metrics:
         write_json(args.metrics, result.metrics())
+
+
+def _written(args: argparse.Namespace) -> None:
+    """Say where `--predictions` and `--plot` went."""
+    if getattr(args, "predictions", None):
+        print(f"predictions -> {args.predictions}")
+    if getattr(args, "plot", None):
+        print(f"plots -> {args.plot}")
 
 
 def run_knn(args: argparse.Namespace) -> None:

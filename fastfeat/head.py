@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_ARCH
-from .cache_file import read_cache
+from .cache_file import read_cache, split_files
 from .errors import FastfeatError, InputError, check_number
-from .evaluation import classification_report
+from .evaluation import classification_report, write_predictions
 from .model_files import LinearHead, save_head
 from .options import option
+from .plots import plot_run, require_matplotlib
 from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
@@ -74,6 +75,10 @@ class HeadOptions:
                                                            + ",".join(f"{v:g}" for v in SWEEP_L2_ROWS) + " / fit rows)")
     refit: bool = option(True, "--sweep: retrain the chosen setting on train + validation (the single-head path) "
                                "before the one test evaluation; --no-refit keeps the sweep's own head")
+    predictions: str | None = option(None, "a CSV of every test row: row, file (folders), true and predicted class, "
+                                           "probability", group="output")
+    plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
+                                    "into this folder (needs the plot extra: matplotlib)", group="output")
 
 
 @dataclass
@@ -139,7 +144,21 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     test = test_report(head, test_x, test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
     validation = "holdout" if opts.val_fraction > 0 else "test"
-    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, test)
+    result = HeadResult(out, seconds, str(device), asdict(opts), history, validation, test)
+    write_reports(opts, result, head, test_x, test_y, classes)
+    return result
+
+
+def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                  classes: list[str]) -> None:
+    """`--predictions` (the test rows' CSV) and `--plot` (PNGs) of a finished run."""
+    if opts.predictions:
+        with torch.no_grad():
+            probabilities = head(test_x).softmax(1)
+        write_predictions(opts.predictions, probabilities, test_y, classes, split_files(opts.cache, "test"))
+    if opts.plot:
+        validation = "validation" if result.validation == "holdout" else "test (every epoch)"
+        plot_run(opts.plot, classes, result.history, result.test, result.sweep, validation)
 
 
 def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -187,6 +206,8 @@ def check_options(opts: HeadOptions) -> None:
         check_number("--weight-decay", opts.weight_decay)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
     check_number("--val-fraction", opts.val_fraction, high=1.0)
+    if opts.plot:
+        require_matplotlib()
     for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
         if values and not opts.sweep:
             raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")
@@ -520,7 +541,9 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
             "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
-    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid)
+    result = HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid)
+    write_reports(opts, result, head, test_x, test_y, classes)
+    return result
 
 
 def sweep_table(sweep: dict) -> list[str]:

@@ -99,12 +99,12 @@ def learnable(tmp_path_factory) -> Path:
 
 
 def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
-                **attrs) -> Path:
-    """A cache file as `fastfeat cache` writes it, from given features and labels."""
+                files: dict[str, list[str]] | None = None, **attrs) -> Path:
+    """A cache file as `fastfeat cache` writes it, from given features and labels (and image paths)."""
     dataset = Dataset("folder", out.parent, tuple(classes), {})
     dim = next(iter(splits.values()))[0].shape[1]
     base = cache_attrs(dataset, FeatureSpec("resnet18", "none:seed=0", "0" * 64, dim, Preprocess(), "bfloat16"), 128)
-    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim)
+    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim, split_files=files)
     for split, (x, y) in splits.items():
         writer.write(split, 0, x, y)
     if finish:
