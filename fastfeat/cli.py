@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import FinetuneOptions
     from .head import HeadOptions
     from .knn import KnnOptions
+    from .sources import SPLITS
 
     parser = _Parser(prog="fastfeat", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="*", help="image files")
     pr.add_argument("--model", required=True, help="finetune checkpoint (last.pt/best.pt) or head file")
     pr.add_argument("--data", default=None, help="report accuracy on this dataset's --split instead")
-    pr.add_argument("--split", default="test", choices=["train", "test"], help="the split --data reports on")
+    pr.add_argument("--split", default="test", choices=SPLITS, help="the split --data reports on")
     pr.add_argument("--limit", type=int, default=None, help="a class-balanced subset of N images of the split")
     pr.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"], help="decode and resize pipeline")
     pr.add_argument("--weights", default=None, help="the backbone FILE of a head whose features came from a file")

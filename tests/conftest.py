@@ -54,10 +54,11 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, classes=("cat", "dog")) -> Path:
-    """root/{train,test}/<class>/<i>.{jpg,png}: small random RGB images of mixed sizes and formats."""
+def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, classes=("cat", "dog"),
+                splits=("train", "test")) -> Path:
+    """root/<split>/<class>/<i>.{jpg,png}: small random RGB images of mixed sizes and formats."""
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split in splits:
         for name in classes:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
