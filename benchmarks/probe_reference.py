@@ -7,6 +7,7 @@ import torch
 
 from fastfeat.head import evaluate, lbfgs_epoch, make_lbfgs, new_head
 from fastfeat.model_files import LinearHead
+from fastfeat.sources import stratified_holdout
 
 L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
@@ -31,3 +32,36 @@ def fit_lbfgs_reference(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
 
     best = max(grid, key=lambda l2: (held_out_acc(l2), l2))
     return evaluate(fit_lbfgs(train_x, train_y, num_classes, best), test_x, test_y)[1], best
+
+
+SKLEARN_C_DECADES = tuple(10.0 ** e for e in range(-4, 3))  # 1e-4 .. 1e2, then half a decade either side of the best
+
+
+def fit_sklearn_reference(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                          val_fraction: float = 0.1, seed: int = 0) -> tuple[float, float]:
+    """The issue's accepted reference: scikit-learn's `LogisticRegression` (L-BFGS, multinomial) on
+    standardised features, C chosen on the same stratified validation split train-head holds out
+    (decades, then half a decade either side of the best; ties: the smaller C), refit on all of train.
+    Fits are warm-started from the previous C (a path, as CLIP's sweep does), else one takes minutes
+    at 50k x 512 on two cores. Returns (test accuracy, chosen C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = train_x.float().cpu().numpy(), train_y.cpu().numpy()
+    fit, val = stratified_holdout(y, val_fraction, seed)
+    scaler = StandardScaler().fit(x[fit])
+    fit_x, val_x = scaler.transform(x[fit]), scaler.transform(x[val])
+    model = LogisticRegression(max_iter=1000, warm_start=True)
+    scores: dict[float, float] = {}
+
+    def score(cs) -> None:
+        for c in sorted(set(cs) - set(scores)):
+            scores[c] = model.set_params(C=c).fit(fit_x, y[fit]).score(val_x, y[val])
+
+    score(SKLEARN_C_DECADES)
+    coarse = max(scores, key=lambda c: (scores[c], -c))
+    score((coarse / 10**0.5, coarse * 10**0.5))
+    best = max(scores, key=lambda c: (scores[c], -c))
+    scaler = StandardScaler().fit(x)
+    final = LogisticRegression(C=best, max_iter=1000).fit(scaler.transform(x), y)
+    return float(final.score(scaler.transform(test_x.float().cpu().numpy()), test_y.cpu().numpy())), best

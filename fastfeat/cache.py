@@ -27,7 +27,8 @@ from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
 
 @dataclass
 class CacheOptions(RunOptions, BackboneOptions, DataOptions):
-    splits: tuple[str, ...] = option(("train", "test"), "comma-separated splits to cache", group="data")
+    splits: tuple[str, ...] | None = option(None, "comma-separated splits to cache (default: train and test, and val "
+                                                  "for an image folder with its own val/ beside test/)", group="data")
     out: str | None = option(None, "cache file (default: data/<dataset>-<arch>.h5)", group="output")
     dtype: str = option("float16", "stored feature dtype", choices=FEATURE_DTYPES, group="output")
     resume: bool = option(False, "continue an interrupted run", group="output")
@@ -120,7 +121,7 @@ def build_cache(opts: CacheOptions) -> CacheResult:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     plan = opts.view_plan()
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, tuple(opts.splits), opts.limit, opts.download, opts.seed)
+    dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed)
     if world.is_main:
         warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)

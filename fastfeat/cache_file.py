@@ -279,6 +279,13 @@ def _read_views(path: Path, group: h5py.Group, split: str, shape: tuple[int, int
     return views, names
 
 
+def split_files(path: str | Path, split: str) -> list[str] | None:
+    """The image paths of a split's rows (relative to the dataset), or None for array datasets."""
+    f, _ = _open_cache(Path(path))
+    with f:
+        return f[split]["files"].asstr()[:].tolist() if split in f and "files" in f[split] else None
+
+
 def _open_cache(path: Path) -> tuple[h5py.File, dict]:
     """The open file and its attributes as plain values, or a one-line error if it is no fastfeat cache."""
     try:

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import FinetuneOptions
     from .head import HeadOptions
     from .knn import KnnOptions
+    from .sources import SPLITS
 
     parser = _Parser(prog="fastfeat", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="*", help="image files")
     pr.add_argument("--model", required=True, help="finetune checkpoint (last.pt/best.pt) or head file")
     pr.add_argument("--data", default=None, help="report accuracy on this dataset's --split instead")
-    pr.add_argument("--split", default="test", choices=["train", "test"], help="the split --data reports on")
+    pr.add_argument("--split", default="test", choices=SPLITS, help="the split --data reports on")
     pr.add_argument("--limit", type=int, default=None, help="a class-balanced subset of N images of the split")
     pr.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"], help="decode and resize pipeline")
     pr.add_argument("--weights", default=None, help="the backbone FILE of a head whose features came from a file")
@@ -119,6 +120,7 @@ def run_train_head(args: argparse.Namespace) -> None:
               f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} (on {args.val_fraction:g} of train held out), "
               f"{refit}; test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
         print(result.views_line())
+        _written(args)
         if args.metrics:
             write_json(args.metrics, result.metrics())
         return
@@ -128,8 +130,17 @@ def run_train_head(args: argparse.Namespace) -> None:
           f"(best {result.best_valid_acc:.4f}, {validated}); test acc {result.test['top1']:.4f}, "
           f"evaluated once -> {result.out}")
     print(result.views_line())
+    _written(args)
     if args.metrics:
         write_json(args.metrics, result.metrics())
+
+
+def _written(args: argparse.Namespace) -> None:
+    """Say where `--predictions` and `--plot` went."""
+    if getattr(args, "predictions", None):
+        print(f"predictions -> {args.predictions}")
+    if getattr(args, "plot", None):
+        print(f"plots -> {args.plot}")
 
 
 def run_knn(args: argparse.Namespace) -> None:

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_ARCH
-from .cache_file import read_cache
+from .cache_file import read_cache, split_files
 from .errors import FastfeatError, InputError, check_number
-from .evaluation import classification_report
+from .evaluation import classification_report, write_predictions
 from .model_files import LinearHead, save_head
 from .options import option
+from .plots import plot_run, require_matplotlib
 from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
@@ -87,6 +88,10 @@ class HeadOptions:
                                          "the center crops alone", choices=VIEW_POLICIES)
     tta: bool | None = option(None, "evaluate on the mean of the center and flipped crops' probabilities "
                                     "(default: when the cache holds flips)")
+    predictions: str | None = option(None, "a CSV of every test row: row, file (folders), true and predicted class, "
+                                           "probability", group="output")
+    plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
+                                    "into this folder (needs the plot extra: matplotlib)", group="output")
 
 
 @dataclass
@@ -158,10 +163,13 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     start = time.perf_counter()
     head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log, sampler, views.tta)
     seconds = time.perf_counter() - start
-    test = test_report(evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip), test_y)
+    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip)
+    test = test_report(model, test_in, test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
     validation = "holdout" if opts.val_fraction > 0 else "test"
-    return HeadResult(out, seconds, str(device), asdict(opts), history, validation, test, views=views.report(sampler))
+    result = HeadResult(out, seconds, str(device), asdict(opts), history, validation, test, views=views.report(sampler))
+    write_reports(opts, result, model, test_in, test_y, classes)
+    return result
 
 
 def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, fit_x: torch.Tensor,
@@ -178,6 +186,19 @@ def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, f
 def evaluated(head: nn.Module, tta: bool) -> nn.Module:
     """What evaluation runs: the head, or under TTA the head on (center, flip) pairs, probabilities averaged."""
     return FlipAverage(head) if tta else head
+
+
+def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                  classes: list[str]) -> None:
+    """`--predictions` (the test rows' CSV) and `--plot` (PNGs) of a finished run (`head` and `test_x` as the
+    test evaluation took them: under TTA, the flip average on center and flip pairs)."""
+    if opts.predictions:
+        with torch.no_grad():
+            probabilities = head(test_x).softmax(1)
+        write_predictions(opts.predictions, probabilities, test_y, classes, split_files(opts.cache, "test"))
+    if opts.plot:
+        validation = "validation" if result.validation == "holdout" else "test (every epoch)"
+        plot_run(opts.plot, classes, result.history, result.test, result.sweep, validation)
 
 
 def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -240,6 +261,8 @@ def check_options(opts: HeadOptions) -> None:
         check_number("--weight-decay", opts.weight_decay)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
     check_number("--val-fraction", opts.val_fraction, high=1.0)
+    if opts.plot:
+        require_matplotlib()
     for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
         if values and not opts.sweep:
             raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")
@@ -589,12 +612,15 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     else:
         head = sweep.head(best)
     seconds = time.perf_counter() - start
-    test = test_report(evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip), test_y)
+    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip)
+    test = test_report(model, test_in, test_y)
     save_head(out, head, classes, spec, asdict(chosen), opts.standardize)
     grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
             "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
-    return HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid, views.report(sampler))
+    result = HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid, views.report(sampler))
+    write_reports(opts, result, model, test_in, test_y, classes)
+    return result
 
 
 def sweep_table(sweep: dict) -> list[str]:

@@ -16,7 +16,9 @@ import numpy as np
 from .errors import InputError, refused_pickle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-FOLDER_SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
+SPLITS = ("train", "val", "test")
+# a folder's val/ is its validation split when test/ is beside it, else its test split
+FOLDER_SPLIT_DIRS = {"train": ("train",), "val": ("val",), "test": ("test", "val")}
 
 
 @dataclass(frozen=True)
@@ -92,18 +94,19 @@ class Dataset:
 def open_dataset(
     root: str | Path,
     kind: str = "auto",
-    splits: tuple[str, ...] = ("train", "test"),
+    splits: tuple[str, ...] | None = ("train", "test"),
     limit: int | None = None,
     download: bool = False,
     seed: int = 0,
 ) -> Dataset:
     """Open `root` as CIFAR-10 (`root/cifar-10-batches-py`), CIFAR-100 (`root/cifar-100-python`) or an
     image folder tree; `limit` keeps a class-balanced subset of at most that many rows per split (see
-    `balanced_rows`). `download` fetches CIFAR-100 for kind "cifar100", CIFAR-10 otherwise."""
+    `balanced_rows`). `download` fetches CIFAR-100 for kind "cifar100", CIFAR-10 otherwise. `splits`
+    None: every split the dataset has (see `dataset_splits`)."""
     root = Path(root)
-    unknown = set(splits) - set(CIFAR10.files)
-    if unknown or not splits:
-        raise InputError(f"unknown split(s) {sorted(unknown)}: choose from train,test")
+    unknown = set(splits or ()) - set(SPLITS)
+    if unknown or splits == ():
+        raise InputError(f"unknown split(s) {sorted(unknown)}: choose from {','.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     if kind not in DATASET_KINDS:
@@ -117,6 +120,10 @@ def open_dataset(
         raise InputError(f"data directory {root} does not exist (use --download for CIFAR-10)")
     if kind == "auto":
         kind = detect_kind(root)
+    splits = dataset_splits(root, kind) if splits is None else splits
+    if "val" in splits and "val" not in dataset_splits(root, kind):
+        has = "no val split" if kind != "folder" else "no val/ beside its test/ (a lone val/ is its test split)"
+        raise InputError(f"{root} has {has}: cache train,test; train-head holds out --val-fraction of train instead")
     if kind == "folder":
         dataset = read_folder(root, splits)
     else:
@@ -161,6 +168,12 @@ def _seeded_class_order(labels: np.ndarray, rng: np.random.Generator) -> tuple[n
     shuffled = rng.permutation(len(labels))
     by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]
     return by_class, np.arange(len(labels)) - np.searchsorted(labels[by_class], labels[by_class])
+
+
+def dataset_splits(root: Path, kind: str) -> tuple[str, ...]:
+    """The splits a dataset has: train and test, and val for an image folder with val/ beside test/."""
+    own_val = kind == "folder" and (root / "val").is_dir() and (root / "test").is_dir()
+    return SPLITS if own_val else ("train", "test")
 
 
 def detect_kind(root: Path) -> str:

@@ -204,6 +204,8 @@ def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, 
     and with a `holdout` of train to validate on, train's."""
     if policy not in VIEW_POLICIES:
         raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
+    if policy == "center-only" and tta is False:  # nothing to read
+        return HeadViews(None, [], policy, False, None, None)
     from .cache_file import read_views
 
     found = {split: (torch.from_numpy(views).to(device), names)

@@ -55,10 +55,11 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, classes=("cat", "dog")) -> Path:
-    """root/{train,test}/<class>/<i>.{jpg,png}: small random RGB images of mixed sizes and formats."""
+def make_folder(root: Path, sizes=((40, 50), (37, 29)), per_class: int = 3, classes=("cat", "dog"),
+                splits=("train", "test")) -> Path:
+    """root/<split>/<class>/<i>.{jpg,png}: small random RGB images of mixed sizes and formats."""
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split in splits:
         for name in classes:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
@@ -100,15 +101,16 @@ def learnable(tmp_path_factory) -> Path:
 
 
 def write_cache(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes=CLASSES, finish: bool = True,
-                views: dict[str, tuple[list[str], np.ndarray]] | None = None, **attrs) -> Path:
-    """A cache file as `fastfeat cache` writes it, from given features and labels (and per split the
-    names and (N, V, D) features of extra views)."""
+                files: dict[str, list[str]] | None = None, views: dict[str, tuple[list[str], np.ndarray]] | None = None,
+                **attrs) -> Path:
+    """A cache file as `fastfeat cache` writes it, from given features and labels (and image paths, and per
+    split the names and (N, V, D) features of extra views)."""
     dataset = Dataset("folder", out.parent, tuple(classes), {})
     dim = next(iter(splits.values()))[0].shape[1]
     base = cache_attrs(dataset, FeatureSpec("resnet18", "none:seed=0", "0" * 64, dim, Preprocess(), "bfloat16"), 128)
     views = views or {}
     split_views = {s: [{"transform": name, "seed": 0} for name in names] for s, (names, _) in views.items()}
-    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim,
+    writer = CacheWriter(out, {**base, **attrs}, {s: len(y) for s, (_, y) in splits.items()}, dim, split_files=files,
                          split_views=split_views)
     for split, (x, y) in splits.items():
         writer.write(split, 0, x, y, views[split][1] if split in views else None)

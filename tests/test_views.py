@@ -213,6 +213,16 @@ def test_predict_tta_averages_image_and_mirror_probabilities():
     torch.testing.assert_close(predictor.probabilities(images), expected)
 
 
+def test_knn_and_train_head_say_which_views_they_used(tmp_path, capsys):
+    path, _ = views_cache(tmp_path / "v.h5")
+    code, out, err = run(["knn", "--cache", str(path), "--k", "1,5", "--device", "cpu", "--metrics", str(tmp_path / "k.json")], capsys)
+    assert code == 0 and "test-time flip" in out and json.loads((tmp_path / "k.json").read_text())["tta"] == "flip", err
+    code, out, _ = run(["knn", "--cache", str(path), "--k", "1,5", "--device", "cpu", "--no-tta"], capsys)
+    assert code == 0 and "test-time flip" not in out
+    code, out, _ = run(["train-head", "--cache", str(path), "--epochs", "4", "--device", "cpu", "--out", str(tmp_path / "h.pt")], capsys)
+    assert code == 0 and "views: center 216, flip 216, recipe 216, recipe 216 rows read" in out and "test-time flip: flip" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["cache", "--views", "-1"], "--views must be 0 or more"),
     (["train-head", "--tta"], "holds no flipped views"),
