@@ -225,9 +225,9 @@ class CacheData:
         return json.loads(self.attrs["classes"])
 
 
-def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), views: bool = False) -> CacheData:
-    """Load a complete fastfeat cache (with `views`, the splits' extra views too), or fail in one line
-    saying what is wrong with it."""
+def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "test"), views: bool = False) -> CacheData:
+    """Load the `splits` (None: every split it holds) of a complete fastfeat cache (with `views`, their extra
+    views too), or fail in one line saying what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
@@ -237,6 +237,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] = ("train", "test"), vi
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
         features, labels, files = {}, {}, {}
+        splits = tuple(f) if splits is None else splits
         for split in splits:
             if split not in f or "features" not in f[split] or "labels" not in f[split]:
                 raise InputError(f"{path} has no {split}/features and {split}/labels")

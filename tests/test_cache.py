@@ -32,7 +32,7 @@ def cache(data, out, **kw) -> dict:
     """Build a cache on the CPU and return its arrays."""
     opts = CacheOptions(data=str(data), out=str(out), device="cpu", progress=False, **kw)
     build_cache(opts)
-    c = read_cache(out, splits=tuple(opts.splits))
+    c = read_cache(out, splits=opts.splits)
     return {"attrs": c.attrs, "files": c.files, **{f"{s}_x": torch.from_numpy(c.features[s]) for s in c.features},
             **{f"{s}_y": c.labels[s] for s in c.labels}}
 
