@@ -280,6 +280,13 @@ def _read_views(path: Path, group: h5py.Group, split: str, shape: tuple[int, int
     return views, names
 
 
+def cached_splits(path: str | Path) -> list[str]:
+    """The splits a cache file holds (a folder's own val split among them)."""
+    f, _ = _open_cache(Path(path))
+    with f:
+        return list(f)
+
+
 def split_files(path: str | Path, split: str) -> list[str] | None:
     """The image paths of a split's rows (relative to the dataset), or None for array datasets."""
     f, _ = _open_cache(Path(path))

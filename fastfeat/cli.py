@@ -117,15 +117,14 @@ def run_train_head(args: argparse.Namespace) -> None:
         print("\n".join(sweep_table(result.sweep)))
         refit = "refit on train + validation" if result.sweep["refit"] else "not refit (--no-refit)"
         print(f"swept {heads} heads in {result.sweep['seconds']:.2f} s: best lr {best['lr']:g}, weight decay "
-              f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} (on {args.val_fraction:g} of train held out), "
+              f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} ({_validated(result.validation, args)}), "
               f"{refit}; test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
         print(result.views_line())
         _written(args)
         if args.metrics:
             write_json(args.metrics, result.metrics())
         return
-    validated = (f"on {args.val_fraction:g} of train held out" if result.validation == "holdout"
-                 else "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
+    validated = _validated(result.validation, args)
     print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
           f"(best {result.best_valid_acc:.4f}, {validated}); test acc {result.test['top1']:.4f}, "
           f"evaluated once -> {result.out}")
@@ -133,6 +132,13 @@ def run_train_head(args: argparse.Namespace) -> None:
     _written(args)
     if args.metrics:
         write_json(args.metrics, result.metrics())
+
+
+def _validated(validation: str, args: argparse.Namespace) -> str:
+    """What the epoch lines' validation columns were measured on."""
+    return {"holdout": f"on {args.val_fraction:g} of train held out",
+            "val": "on the cache's own val split"}.get(validation, "on the test split every epoch (--val-fraction 0, "
+                                                                    "the recipe's protocol)")
 
 
 def _written(args: argparse.Namespace) -> None:

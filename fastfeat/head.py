@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_ARCH
-from .cache_file import read_cache, split_files
+from .cache_file import cached_splits, read_cache, split_files
 from .errors import FastfeatError, InputError, check_number
 from .evaluation import classification_report, write_predictions
 from .model_files import LinearHead, save_head
@@ -72,7 +72,8 @@ class HeadOptions:
     standardize: bool = option(True, "standardise features with the train split's mean and std")
     val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
                                       "epoch; test is evaluated once, at the end. 0: validate on test every epoch "
-                                      "(the recipe's protocol: any choice made from it is made on test)")
+                                      "(the recipe's protocol: any choice made from it is made on test). A cache with its own val "
+                                      "split (a folder's val/ beside test/) validates on that instead")
     seed: int = option(0, "shuffles and the validation split")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     sweep: bool = option(False, "train a grid of sgd heads (--lrs x --weight-decays) at once as one batched program, "
@@ -105,7 +106,7 @@ class HeadResult:
     device: str
     options: dict
     history: list[dict] = field(default_factory=list)
-    validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
+    validation: str = "holdout"  # "holdout": rows held out of train; "val": the cache's val split; "test": the recipe's
     test: dict = field(default_factory=dict)
     sweep: dict | None = None  # --sweep: the grid, its validation accuracies and the chosen setting
     views: dict = field(default_factory=dict)  # the views policy, each train view's rows read, the TTA
@@ -154,8 +155,8 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
         return train_sweep(opts, log)
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
-    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
-    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x)
+    fit_x, fit_y, val_x, val_y, validation = validation_split(opts, device, train_x, train_y, test_x, test_y)
+    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x, validation)
     opts = with_defaults(opts, len(fit_y))
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
@@ -163,24 +164,42 @@ def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRes
     start = time.perf_counter()
     head, history = fit_head(fit_x, fit_y, val_x, val_y, len(classes), opts, log, sampler, views.tta)
     seconds = time.perf_counter() - start
-    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip)
+    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.flips.get("test"))
     test = test_report(model, test_in, test_y)
     save_head(out, head, classes, spec, asdict(opts), opts.standardize)
-    validation = "holdout" if opts.val_fraction > 0 else "test"
     result = HeadResult(out, seconds, str(device), asdict(opts), history, validation, test, views=views.report(sampler))
     write_reports(opts, result, model, test_in, test_y, classes)
     return result
 
 
+def validation_split(opts: HeadOptions, device: torch.device, train_x: torch.Tensor, train_y: torch.Tensor,
+                     test_x: torch.Tensor, test_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(fit_x, fit_y, val_x, val_y, kind): the cache's own val split when it has one (kind "val": a folder's
+    val/ beside test/; fit on all of train), else `holdout` (kind "holdout", or "test" at --val-fraction 0)."""
+    own = own_val_split(opts.cache, device)
+    if own is not None:
+        return train_x, train_y, *own, "val"
+    kind = "holdout" if opts.val_fraction > 0 else "test"
+    return (*holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed), kind)
+
+
+def own_val_split(cache: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The features and labels of the cache's own val split, if it has one."""
+    if "val" not in cached_splits(cache):
+        return None
+    data = read_cache(cache, ("val",))
+    return torch.from_numpy(data.features["val"]).to(device), torch.from_numpy(data.labels["val"]).to(device)
+
+
 def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, fit_x: torch.Tensor,
-               val_x: torch.Tensor) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
+               val_x: torch.Tensor, validation: str) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
     """The cache's views as `opts` use them: the sampler of the fit rows' views, and the validation rows
-    (held-out train, or test without a holdout) as evaluation takes them (with their flips under TTA)."""
-    views = load_views(opts.cache, device, opts.views_policy, opts.tta, opts.val_fraction > 0)
-    rows = holdout_rows(train_y, opts.val_fraction, opts.seed)
-    if rows is None:
-        return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.test_flip)
-    return views, views.sampler(fit_x, rows[0], opts.seed), views.evaluation_input(val_x, views.train_flip, rows[1])
+    (held-out train, the val split, or test) as evaluation takes them (with their flips under TTA)."""
+    views = load_views(opts.cache, device, opts.views_policy, opts.tta, validation)
+    if validation != "holdout":
+        return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.flips.get(validation))
+    fit, val = holdout_rows(train_y, opts.val_fraction, opts.seed)
+    return views, views.sampler(fit_x, fit, opts.seed), views.evaluation_input(val_x, views.flips.get("train"), val)
 
 
 def evaluated(head: nn.Module, tta: bool) -> nn.Module:
@@ -197,7 +216,7 @@ def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x
             probabilities = head(test_x).softmax(1)
         write_predictions(opts.predictions, probabilities, test_y, classes, split_files(opts.cache, "test"))
     if opts.plot:
-        validation = "validation" if result.validation == "holdout" else "test (every epoch)"
+        validation = {"holdout": "validation", "val": "val split"}.get(result.validation, "test (every epoch)")
         plot_run(opts.plot, classes, result.history, result.test, result.sweep, validation)
 
 
@@ -589,8 +608,8 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     check_options(opts)
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
-    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed)
-    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x)
+    fit_x, fit_y, val_x, val_y, validation = validation_split(opts, device, train_x, train_y, test_x, test_y)
+    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x, validation)
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
@@ -612,13 +631,13 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
     else:
         head = sweep.head(best)
     seconds = time.perf_counter() - start
-    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.test_flip)
+    model, test_in = evaluated(head, views.tta), views.evaluation_input(test_x, views.flips.get("test"))
     test = test_report(model, test_in, test_y)
     save_head(out, head, classes, spec, asdict(chosen), opts.standardize)
     grid = {"lrs": list(lrs), "weight_decays": list(wds), "val_acc": sweep.grid(),
             "best": {"lr": best_lr, "weight_decay": best_wd, "val_acc": sweep.val_acc[best]},
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
-    result = HeadResult(out, seconds, str(device), asdict(chosen), history, "holdout", test, grid, views.report(sampler))
+    result = HeadResult(out, seconds, str(device), asdict(chosen), history, validation, test, grid, views.report(sampler))
     write_reports(opts, result, model, test_in, test_y, classes)
     return result
 

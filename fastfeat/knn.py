@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .backbone import DEFAULT_ARCH
 from .errors import InputError, check_number
-from .head import load_features
+from .evaluation import classification_report
+from .head import load_features, own_val_split
 from .options import option
 from .runtime import resolve_device
 from .sources import stratified_holdout
@@ -63,19 +64,21 @@ class KnnResult:
     device: str
     options: dict = field(default_factory=dict)
     tta: bool = False
+    validation: str = "holdout"  # "holdout": rows of train; "val": the cache's own val split; "test": none
+    reports: dict = field(default_factory=dict)  # "test" (and "val"): classification_report at the best k
 
     @property
     def best_k(self) -> int:
         """The k of the best validation accuracy (the smallest on a tie); without validation, of test."""
-        scores = self.val or self.test
-        return max(self.k, key=lambda k: (scores[k], -k))
+        return best_k(self.k, self.val or self.test)
 
     def metrics(self) -> dict:
         return {
             "command": "knn",
             "k": list(self.k),
-            "val": {str(k): acc for k, acc in self.val.items()},
-            "test": {str(k): acc for k, acc in self.test.items()},
+            "val": {**self.reports.get("val", {}), "per_k": {str(k): acc for k, acc in self.val.items()}},
+            "test": {**self.reports["test"], "per_k": {str(k): acc for k, acc in self.test.items()}},
+            "validation": self.validation,
             "best_k": self.best_k,
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
@@ -122,10 +125,12 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
     opts = check_options(opts)
     device = resolve_device(opts.device)
     _, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
-    views = load_views(opts.cache, device, "center-only", opts.tta, opts.val_fraction > 0)
+    own_val = own_val_split(opts.cache, device)
+    validation = "val" if own_val is not None else "holdout" if opts.val_fraction > 0 else "test"
+    views = load_views(opts.cache, device, "center-only", opts.tta, validation)
     ks = opts.k
     kept = held = None
-    if opts.val_fraction > 0:
+    if validation == "holdout":
         kept, held = stratified_holdout(train_y.cpu().numpy(), opts.val_fraction, opts.seed)
         if len(held) == 0:
             raise InputError(f"--val-fraction {opts.val_fraction:g} holds out nothing: no class of {opts.cache} "
@@ -136,20 +141,34 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
     start = time.perf_counter()
     train_x = F.normalize(train_x, dim=1)
     val: dict[int, float] = {}
+    val_scores: dict[int, torch.Tensor] = {}
     if held is not None:
         kept_t, held_t = (torch.from_numpy(rows).to(device) for rows in (kept, held))
-        preds = knn_predict(train_x[kept_t], train_y[kept_t], train_x[held_t], ks, opts.temperature, len(classes),
-                            opts.batch_size, flipped=normalized_flips(views.train_flip, views.tta, held_t))
-        val = accuracies(preds, train_y[held_t])
-    preds = knn_predict(train_x, train_y, F.normalize(test_x, dim=1), ks, opts.temperature, len(classes),
-                        opts.batch_size, flipped=normalized_flips(views.test_flip, views.tta))
-    test = accuracies(preds, test_y)
+        val_y = train_y[held_t]
+        val_scores = knn_scores(train_x[kept_t], train_y[kept_t], train_x[held_t], ks, opts.temperature, len(classes),
+                                opts.batch_size, flipped=normalized_flips(views.flips.get("train"), views.tta, held_t))
+    elif own_val is not None:  # the dataset's own val split: every train row is a neighbour, as for test
+        val_y = own_val[1]
+        val_scores = knn_scores(train_x, train_y, F.normalize(own_val[0], dim=1), ks, opts.temperature, len(classes),
+                                opts.batch_size, flipped=normalized_flips(views.flips.get("val"), views.tta))
+    if val_scores:
+        val = accuracies(val_scores, val_y)
+    test_scores = knn_scores(train_x, train_y, F.normalize(test_x, dim=1), ks, opts.temperature, len(classes),
+                             opts.batch_size, flipped=normalized_flips(views.flips.get("test"), views.tta))
+    test = accuracies(test_scores, test_y)
+    best = best_k(ks, val or test)
+    reports = {"test": classification_report(test_scores[best], test_y)}
+    if val_scores:
+        reports["val"] = classification_report(val_scores[best], val_y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    rows = {"train": len(train_y), "val": 0 if held is None else len(held), "test": len(test_y),
-            "neighbours_val": 0 if kept is None else len(kept), "neighbours_test": len(train_y)}
-    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, views.tta)
+    val_rows = len(held) if held is not None else len(own_val[1]) if own_val is not None else 0
+    rows = {"train": len(train_y), "val": val_rows, "test": len(test_y),
+            "neighbours_val": len(kept) if kept is not None else len(train_y) if val_rows else 0,
+            "neighbours_test": len(train_y)}
+    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, views.tta,
+                     validation, reports)
 
 
 def normalized_flips(flips: torch.Tensor | None, tta: bool, rows: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -165,39 +184,54 @@ def check_k(ks: Iterable[int], rows: int, what: str) -> None:
         raise InputError(f"--k {max(too_many)} is more neighbours than {what}")
 
 
-def accuracies(preds: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[int, float]:
-    return {k: (p == labels).sum().item() / len(labels) for k, p in preds.items()}
+def accuracies(scores: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[int, float]:
+    return {k: (s.argmax(1) == labels).sum().item() / len(labels) for k, s in scores.items()}
 
 
-@torch.no_grad()
+def best_k(ks: Iterable[int], accuracy: dict[int, float]) -> int:
+    """The k of the best accuracy (the smallest on a tie)."""
+    return max(ks, key=lambda k: (accuracy[k], -k))
+
+
 def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Tensor, ks: Iterable[int],
                 temperature: float, num_classes: int, query_rows: int | None = None, train_rows: int | None = None,
                 budget_bytes: int = SIMILARITY_BYTES, flipped: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """The predicted class of every query for every k: {k: (Q,) int64}.
+    """The predicted class of every query for every k: {k: (Q,) int64} (the argmax of `knn_scores`)."""
+    scores = knn_scores(train_x, train_y, queries, ks, temperature, num_classes, query_rows, train_rows,
+                        budget_bytes, flipped)
+    return {k: score.argmax(1) for k, score in scores.items()}
+
+
+@torch.no_grad()
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Tensor, ks: Iterable[int],
+               temperature: float, num_classes: int, query_rows: int | None = None, train_rows: int | None = None,
+               budget_bytes: int = SIMILARITY_BYTES, flipped: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Every query's class vote shares for every k: {k: (Q, C) float32}, each row summing to 1 (DINOv2's
+    softmax probabilities over the k neighbours).
 
     `train_x` and `queries` L2-normalised, on one device. Queries are taken `query_rows` at a time and
     train `train_rows` at a time (defaults: blocks of at most `budget_bytes` of float32 similarities).
-    With `flipped` (the queries' flipped views, normalised), a query's class is the argmax of the mean of
-    its two views' vote shares (votes / their sum: DINOv2's softmax probabilities over the k neighbours)."""
+    With `flipped` (the queries' flipped views, normalised), the mean of its two views' vote shares."""
     ks = sorted(set(ks))
     max_k = ks[-1]
     if not 1 <= ks[0] <= max_k <= len(train_x):
         raise InputError(f"k must be between 1 and the {len(train_x)} neighbour rows, got {ks}")
     query_rows, train_rows = block_sizes(len(queries), len(train_x), query_rows, train_rows, budget_bytes)
     buffer = queries.new_empty(query_rows * train_rows, dtype=torch.float32)
-    preds = {k: torch.empty(len(queries), dtype=torch.long, device=queries.device) for k in ks}
+    out = {k: torch.empty(len(queries), num_classes, dtype=torch.float32, device=queries.device) for k in ks}
+
     def votes(block: torch.Tensor) -> list[torch.Tensor]:
         sims, idx = top_neighbours(block.float(), train_x, max_k, train_rows, buffer)
-        return cumulative_votes(sims, train_y[idx], ks, temperature, num_classes)
+        return [shares(v) for v in cumulative_votes(sims, train_y[idx], ks, temperature, num_classes)]
 
     for start in range(0, len(queries), query_rows):
         stop = min(start + query_rows, len(queries))
         scores = votes(queries[start:stop])
         if flipped is not None:
-            scores = [shares(a) + shares(b) for a, b in zip(scores, votes(flipped[start:stop]))]
+            scores = [(a + b) / 2 for a, b in zip(scores, votes(flipped[start:stop]))]
         for k, score in zip(ks, scores):
-            preds[k][start:stop] = score.argmax(1)
-    return preds
+            out[k][start:stop] = score
+    return out
 
 
 def shares(votes: torch.Tensor) -> torch.Tensor:

@@ -171,15 +171,14 @@ def resolve_tta(wanted: bool | None, available: bool, cache: str) -> bool:
 @dataclass
 class HeadViews:
     """A cache's views as train-head uses them: `train` (N, V, D) views (the cache's dtype, float16 by
-    default) that each epoch samples from (None: center only, by policy or because the cache has none), named `names`, and under `tta` the
-    flipped center crops of train (for a holdout) and test, (N, D) float16."""
+    default) that each epoch samples from (None: center only, by policy or because the cache has none),
+    named `names`, and under `tta` the flipped center crops of each split that has them, (N, D) float16."""
 
     train: torch.Tensor | None
     names: list[str]
     policy: str
     tta: bool
-    train_flip: torch.Tensor | None
-    test_flip: torch.Tensor | None
+    flips: dict[str, torch.Tensor]
 
     def sampler(self, center: torch.Tensor, rows: torch.Tensor | None, seed: int) -> ViewSampler | None:
         """The sampler over the train rows `rows` (None: all), whose center features are `center`."""
@@ -199,18 +198,19 @@ class HeadViews:
                 "tta": FLIP if self.tta else "none"}
 
 
-def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, holdout: bool) -> HeadViews:
-    """The views of `cache` that train-head (and knn, center-only) will use: TTA needs the test split's flips,
-    and with a `holdout` of train to validate on, train's."""
+def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, validation: str) -> HeadViews:
+    """The views of `cache` that train-head (and knn, center-only) will use: TTA needs the test split's flips
+    and those of the split validated on (`validation`: "holdout" = rows of train, "val" or "test")."""
     if policy not in VIEW_POLICIES:
         raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
     if policy == "center-only" and tta is False:  # nothing to read
-        return HeadViews(None, [], policy, False, None, None)
+        return HeadViews(None, [], policy, False, {})
     from .cache_file import read_views
 
     found = {split: (torch.from_numpy(views).to(device), names)
-             for split, (views, names) in read_views(cache, ("train", "test")).items()}
+             for split, (views, names) in read_views(cache, ("train", "val", "test")).items()}
     flips = {split: views[:, flip_index(names)] for split, (views, names) in found.items() if FLIP in names}
-    use_tta = resolve_tta(tta, "test" in flips and ("train" in flips or not holdout), cache)
+    validated = "train" if validation == "holdout" else validation
+    use_tta = resolve_tta(tta, "test" in flips and validated in flips, cache)
     train, names = found.get("train", (None, [])) if policy == "sample" else (None, [])
-    return HeadViews(train, names, policy, use_tta, flips.get("train"), flips.get("test"))
+    return HeadViews(train, names, policy, use_tta, flips)

@@ -131,22 +131,28 @@ def test_cli_end_to_end(toy_cache, tmp_path, capsys):
     assert len(lines) == 5 and lines[4].startswith("knn in ") and "best k" in lines[4]
     report = json.loads(metrics.read_text())
     assert report["command"] == "knn" and report["k"] == [1, 5, 20]
-    assert set(report["val"]) == set(report["test"]) == {"1", "5", "20"}
+    assert set(report["val"]["per_k"]) == set(report["test"]["per_k"]) == {"1", "5", "20"}
     assert report["options"]["temperature"] == 0.1 and report["options"]["k"] == [1, 5, 20]
     rows = report["rows"]
     assert abs(rows["val"] - 120) <= 2 and rows["val"] + rows["neighbours_val"] == 600 and report["seconds"] >= 0
-    assert min(report["test"].values()) > 0.9  # the classes show in 8 of 512 noisy dimensions
+    assert min(report["test"]["per_k"].values()) > 0.9  # the classes show in 8 of 512 noisy dimensions
     # test accuracy is the brute-force reference's over every test query, to the row
     from fastfeat.cache_file import read_cache
 
     cache = read_cache(toy_cache)
     for k in (1, 5, 20):
         ref = reference_predictions(cache.features["train"], cache.labels["train"], cache.features["test"], k, 0.1, 3)
-        assert report["test"][str(k)] == pytest.approx((ref == cache.labels["test"]).mean(), abs=1e-6)
+        assert report["test"]["per_k"][str(k)] == pytest.approx((ref == cache.labels["test"]).mean(), abs=1e-6)
+        if k == report["best_k"]:  # the best k's per-class results and confusion matrix, counted directly
+            confusion = np.zeros((3, 3), dtype=int)
+            np.add.at(confusion, (cache.labels["test"], ref), 1)
+            assert report["test"]["confusion"] == confusion.tolist()
+            assert report["test"]["top1"] == pytest.approx(report["test"]["per_k"][str(k)])
+            assert report["test"]["per_class"] == pytest.approx((confusion.diagonal() / confusion.sum(1)).tolist())
     # the same numbers from the Python API; no validation with --val-fraction 0
     api = knn_evaluate(KnnOptions(cache=str(toy_cache), k=(1, 5, 20), temperature=0.1, val_fraction=0.2, seed=4,
                                   device="cpu"))
-    assert {str(k): v for k, v in api.val.items()} == report["val"]
+    assert {str(k): v for k, v in api.val.items()} == report["val"]["per_k"]
     code, out, err = run(["knn", "--cache", str(toy_cache), "--val-fraction", "0", "--device", "cpu"], capsys)
     assert code == 0 and not err and "no validation; best k" in out.splitlines()[-1]
     assert [l.split()[1] for l in out.splitlines()[1:5]] == ["-"] * 4

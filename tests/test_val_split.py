@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import h5py
+import numpy as np
 import pytest
-from conftest import make_cifar, make_folder, run
+import torch
+from conftest import CLASSES, make_cifar, make_folder, run, separable, write_cache
+from test_knn import reference_predictions
 
+from fastfeat.head import HeadOptions, train_head
+from fastfeat.knn import KnnOptions, knn_evaluate
+from fastfeat.model_files import load_head
 from fastfeat.sources import open_dataset
 
 TINY = ["--weights", "none", "--image-size", "32", "--resize", "36", "--loader", "torch", "--device", "cpu"]
@@ -41,3 +47,35 @@ def test_asking_for_a_val_split_the_dataset_lacks_is_one_line(tmp_path, capsys, 
                        capsys)
     assert code == 2 and len(err) == 1 and "no val" in err[0], err
     assert not (tmp_path / "c.h5").exists()
+
+
+def own_val_cache(tmp_path) -> tuple:
+    """A cache with train, val and test splits, as `fastfeat cache` writes one of a folder with its own val/."""
+    rng = np.random.default_rng(5)
+    splits = {name: separable(n, rng) for name, n in (("train", 300), ("val", 90), ("test", 120))}
+    return write_cache(tmp_path / "own-val.h5", splits), splits
+
+
+def test_train_head_fits_all_of_train_and_validates_on_the_cached_val_split(tmp_path, capsys):
+    path, splits = own_val_cache(tmp_path)
+    result = train_head(HeadOptions(cache=str(path), device="cpu", epochs=3, out=str(tmp_path / "h.pt")),
+                        log=lambda line: None)
+    assert result.validation == "val"
+    head, _, _ = load_head(tmp_path / "h.pt")
+    val_x, val_y = torch.from_numpy(splits["val"][0].astype(np.float32)), torch.from_numpy(splits["val"][1])
+    with torch.no_grad():
+        assert result.history[-1]["valid_acc"] == pytest.approx((head(val_x).argmax(1) == val_y).float().mean().item())
+    torch.testing.assert_close(head.mean, torch.from_numpy(splits["train"][0].astype(np.float32)).mean(0), atol=2e-3, rtol=0)  # all 300 train rows
+    code, out, _ = run(["train-head", "--cache", str(path), "--device", "cpu", "--epochs", "2", "--out", str(tmp_path / "h2.pt")], capsys)
+    assert code == 0 and "on the cache's own val split" in out
+
+
+def test_knn_validates_on_the_cached_val_split_with_every_train_row_as_neighbour(tmp_path):
+    path, splits = own_val_cache(tmp_path)
+    result = knn_evaluate(KnnOptions(cache=str(path), k=(1, 5), device="cpu"))
+    assert result.validation == "val" and result.rows["val"] == 90 and result.rows["neighbours_val"] == 300
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    for k in (1, 5):
+        ref = reference_predictions(train_x, train_y, val_x, k, 0.07, len(CLASSES))
+        assert result.val[k] == pytest.approx((ref == val_y).mean())
+    assert set(result.metrics()["val"]) >= {"top1", "mean_per_class", "per_class", "confusion", "per_k"}
