@@ -61,3 +61,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer around it measures that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
