@@ -33,7 +33,7 @@ from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
 from .loaders import LOADERS, dali_available, eval_batches, resolve_loader, train_batches
 from .options import BackboneOptions, RunOptions, option
 from .runtime import amp_dtype, precision_name, resolve_device, synchronize
-from .sources import Split, open_dataset
+from .sources import Dataset, Split, open_dataset
 from .synthetic import data_or_sample
 from .transforms import Augment, Preprocess
 
@@ -222,8 +222,9 @@ def steady_images_per_second(batches: Iterator[tuple], step: Callable[[torch.Ten
 class CacheBench:
     """`fastfeat cache`'s stages: the frozen forward; end to end = `build_cache` into a temporary file."""
 
-    def __init__(self, opts: BenchOptions, root: Path, kind: str, split: Split, device: torch.device, tmp: Path):
-        self.opts, self.root, self.kind, self.split, self.device, self.tmp = opts, root, kind, split, device, tmp
+    def __init__(self, opts: BenchOptions, root: Path, dataset: Dataset, device: torch.device, tmp: Path):
+        self.opts, self.root, self.device, self.tmp = opts, root, device, tmp
+        self.split, self.classes = dataset.splits["train"], len(dataset.classes)
         self.loader, self.batch_size = resolve_loader(opts.loader), opts.batch(device)
         self.dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
         self.backbone = opts.build()
@@ -234,7 +235,7 @@ class CacheBench:
         """One full and one tail batch through each stage: every shape the timed runs meet."""
         self.first = next(eval_batches(self.split.rows(0, self.batch_size), self.loader, self.pre, self.batch_size, self.device))
         self.model()
-        self.end_to_end(min(len(self.split), self.batch_size + len(self.split) % self.batch_size))
+        self.end_to_end(min(len(self.split), max(self.classes, self.batch_size + len(self.split) % self.batch_size)))
 
     def loader_only(self) -> int:
         return sum(len(batch) for batch in eval_batches(self.split, self.loader, self.pre, self.batch_size, self.device))
@@ -246,7 +247,7 @@ class CacheBench:
 
     def end_to_end(self, images: int | None = None) -> float:
         result = build_cache(CacheOptions(
-            data=str(self.root), dataset=self.kind, splits=("train",), limit=images or self.opts.images,
+            data=str(self.root), dataset=self.opts.dataset, splits=("train",), limit=images or self.opts.images,
             loader=self.loader, arch=self.opts.arch, weights=self.opts.weights, resize=self.opts.resize,
             image_size=self.opts.image_size, interpolation=self.opts.interpolation, seed=self.opts.seed,
             device=str(self.device), batch_size=self.batch_size, amp=self.opts.amp, amp_dtype=self.opts.amp_dtype,
@@ -266,19 +267,18 @@ class CacheBench:
 class FinetuneBench:
     """`fastfeat finetune`'s stages: the whole training step (`Trainer.step`); end to end = its epoch loop."""
 
-    def __init__(self, opts: BenchOptions, root: Path, kind: str, split: Split, device: torch.device, tmp: Path):
-        self.split, self.device, self.batch_size = split, device, opts.batch(device)
+    def __init__(self, opts: BenchOptions, root: Path, dataset: Dataset, device: torch.device, tmp: Path):
+        self.split, self.device, self.batch_size = dataset.splits["train"], device, opts.batch(device)
         self.loader = resolve_loader(opts.loader)
         self.options = FinetuneOptions(
-            data=str(root), dataset=kind, limit=opts.images, loader=self.loader, arch=opts.arch, weights=opts.weights,
+            data=str(root), dataset=opts.dataset, limit=opts.images, loader=self.loader, arch=opts.arch, weights=opts.weights,
             resize=opts.resize, image_size=opts.image_size, interpolation=opts.interpolation, seed=opts.seed,
             device=str(device), batch_size=self.batch_size, amp=opts.amp, amp_dtype=opts.amp_dtype,
             channels_last=opts.channels_last, compile=opts.compile, jitter=opts.jitter, checkpoint_dir=str(tmp),
             progress=False,
         )
-        self.order = epoch_order(len(split), opts.seed, 0, self.batch_size)
-        classes = [str(c) for c in range(int(split.labels.max()) + 1)]
-        self.trainer = Trainer(self.options, classes, -(-len(self.order) // self.batch_size), device=device)
+        self.order = epoch_order(len(self.split), opts.seed, 0, self.batch_size)
+        self.trainer = Trainer(self.options, list(dataset.classes), -(-len(self.order) // self.batch_size), device=device)
         self.pre, self.aug = self.trainer.spec.pre, Augment(jitter=opts.jitter)
         self.dtype = self.trainer.dtype
 
@@ -332,13 +332,12 @@ def check_options(opts: BenchOptions) -> None:
         raise InputError("--images must be at least 10 (every class once), --repeats and --batch-size at least 1")
 
 
-def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, str, Split, str]:
-    """The data root, its layout, the train split of `--images` rows, and a line saying which data it is."""
+def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
+    """The data root, its train split of `--images` rows, and a line saying which data it is."""
     root, described = data_or_sample(opts.data, opts.images, tmp, test_images=0)
     if opts.data is None and opts.dataset == "folder":
         root, described = root / "folder", described.replace("images", "JPEG images", 1)
-    split = open_dataset(root, opts.dataset, ("train",), opts.images, seed=opts.seed).splits["train"]
-    return root, opts.dataset, split, described
+    return root, open_dataset(root, opts.dataset, ("train",), opts.images, seed=opts.seed), described
 
 
 def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None) -> BenchResult:
@@ -346,10 +345,10 @@ def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None
     check_options(opts)
     device = resolve_device(opts.device)
     with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
-        root, kind, split, described = open_images(opts, Path(tmp))
+        root, dataset, described = open_images(opts, Path(tmp))
         log(f"data: {described}")
         start = time.perf_counter()
-        bench = BENCH_CLASSES[opts.what](opts, root, kind, split, device, Path(tmp))
+        bench = BENCH_CLASSES[opts.what](opts, root, dataset, device, Path(tmp))
         built = time.perf_counter()
         bench.warm_up()
         startup = {"model_build": built - start, "warm_up": time.perf_counter() - built}
@@ -365,7 +364,8 @@ def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None
     settings = {
         "arch": opts.arch, "weights": opts.weights, "image_size": bench.pre.image_size, "resize": bench.pre.resize,
         "interpolation": bench.pre.interpolation, "batch_size": bench.batch_size, "precision": precision_name(bench.dtype),
-        "loader": bench.loader, "device": str(device), "images": len(split), "data": described, "dataset": kind,
+        "loader": bench.loader, "device": str(device), "images": len(bench.split), "data": described,
+        "dataset": opts.dataset,
         "channels_last": opts.channels_last, "compile": opts.compile, "repeats": opts.repeats,
         **({"original_batch_size": ORIGINAL_BATCH[opts.what], "original_workers": ORIGINAL_WORKERS}
            if opts.vs_original else {}),
