@@ -234,16 +234,17 @@ class CacheBench:
     def warm_up(self) -> None:
         """One full and one tail batch through each stage: every shape the timed runs meet."""
         self.first = next(eval_batches(self.split.rows(0, self.batch_size), self.loader, self.pre, self.batch_size, self.device))
-        self.model()
+        self.model(min(len(self.split), self.batch_size + len(self.split) % self.batch_size))
         self.end_to_end(min(len(self.split), max(self.classes, self.batch_size + len(self.split) % self.batch_size)))
 
     def loader_only(self) -> int:
         return sum(len(batch) for batch in eval_batches(self.split, self.loader, self.pre, self.batch_size, self.device))
 
-    def model(self) -> int:
-        for n in batch_sizes(len(self.split), self.batch_size):
+    def model(self, images: int | None = None) -> int:
+        images = images or len(self.split)
+        for n in batch_sizes(images, self.batch_size):
             self.extractor(self.first[:n]).cpu()
-        return len(self.split)
+        return images
 
     def end_to_end(self, images: int | None = None) -> float:
         result = build_cache(CacheOptions(
@@ -288,17 +289,18 @@ class FinetuneBench:
     def warm_up(self) -> None:
         self.first = next(self.batches(self.order[: self.batch_size]))
         self.labels = torch.from_numpy(self.split.labels[self.order[: len(self.first)]]).to(self.device)
-        self.model()
+        self.model(min(len(self.order), 2 * self.batch_size))  # the first steps set up; every batch has one size
 
     def loader_only(self) -> int:
         return sum(len(batch) for batch in self.batches(self.order))
 
-    def model(self) -> int:
+    def model(self, images: int | None = None) -> int:
+        images = images or len(self.order)
         self.trainer.train_mode()
-        for n in batch_sizes(len(self.order), self.batch_size):
+        for n in batch_sizes(images, self.batch_size):
             loss, _ = self.trainer.step(self.first[:n], self.labels[:n])
         loss.item()
-        return len(self.order)
+        return images
 
     def end_to_end(self) -> float:
         _, _, images, seconds = train_epoch(self.trainer, self.split, self.loader, self.pre, self.aug)
