@@ -32,7 +32,7 @@ from .errors import InputError
 from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
 from .loaders import LOADERS, dali_available, eval_batches, resolve_loader, train_batches
 from .options import BackboneOptions, RunOptions, option
-from .runtime import amp_dtype, precision_name, resolve_device, synchronize
+from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
 from .sources import Dataset, Split, open_dataset
 from .synthetic import data_or_sample
 from .transforms import Augment, Preprocess
@@ -242,8 +242,9 @@ class CacheBench:
 
     def model(self, images: int | None = None) -> int:
         images = images or len(self.split)
-        for n in batch_sizes(images, self.batch_size):
-            self.extractor(self.first[:n]).cpu()
+        features = (self.extractor(self.first[:n]) for n in batch_sizes(images, self.batch_size))
+        for _ in host_arrays(features, self.device):  # the features reach the host, as in `build_cache`
+            pass
         return images
 
     def end_to_end(self, images: int | None = None) -> float:

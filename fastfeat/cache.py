@@ -17,7 +17,7 @@ from .errors import FastfeatError, InputError
 from .loaders import eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
-from .runtime import amp_dtype, precision_name
+from .runtime import amp_dtype, host_arrays, precision_name
 from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
@@ -173,8 +173,8 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
     done = row = writer.rows_written(name)
     desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
     with progress(len(split), desc, opts.progress and world.is_main, initial=done) as bar:
-        for images in eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device):
-            features = extractor(images).cpu().numpy()
+        batches = eval_batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device)
+        for features in host_arrays((extractor(images) for images in batches), extractor.device):
             writer.write(name, row, features, split.labels[row : row + len(features)])
             row += len(features)
             bar.update(len(features))

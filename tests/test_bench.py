@@ -10,6 +10,8 @@ from conftest import run
 
 from fastfeat import bench
 from fastfeat.backbone import FeatureExtractor
+from fastfeat.errors import InputError
+from fastfeat.loaders import prefetch
 
 TINY = ["--image-size", "32", "--resize", "36", "--images", "20", "--batch-size", "10", "--repeats", "1",
         "--loader", "torch", "--device", "cpu", "--no-amp"]  # bf16 is slow at 32 px on CPUs without AMX
@@ -75,3 +77,26 @@ def test_the_bottleneck_is_the_slowed_stage(tmp_path, monkeypatch, capsys):
 def test_bench_refuses_bad_settings_in_one_line(capsys):
     code, _, err = run(["bench", "cache", "--images", "5"], capsys)
     assert code == 2 and len(err) == 1 and "--images must be at least 10" in err[0]
+
+
+def test_prefetch_keeps_order_raises_in_order_and_stops_early():
+    made = []
+
+    def items(fail_at: int | None = None):
+        for i in range(10):
+            if i == fail_at:
+                raise InputError(f"bad item {i}")
+            made.append(i)
+            yield i
+
+    assert list(prefetch(items(), depth=2)) == list(range(10))
+    got = []
+    with pytest.raises(InputError, match="bad item 4"):
+        for item in prefetch(items(fail_at=4)):
+            got.append(item)
+    assert got == [0, 1, 2, 3]  # every item made before the failure arrives first
+    made.clear()
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops: the producer stops within depth + 1 more items
+    assert len(made) <= 4
