@@ -17,7 +17,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,18 +33,16 @@ from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
 from .loaders import LOADERS, dali_available, eval_batches, resolve_loader, train_batches
 from .options import BackboneOptions, RunOptions, option
 from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
-from .sources import Dataset, Split, open_dataset
+from .sources import DATASET_KINDS, Dataset, Split, open_dataset
 from .synthetic import data_or_sample
-from .transforms import Augment, Preprocess
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, Preprocess
 
 BENCHES = ("cache", "finetune")
 # default batch sizes: a CPU's, and one that fills a large GPU
 BATCH_SIZES = {("cache", "cpu"): 128, ("cache", "cuda"): 1024, ("finetune", "cpu"): 64, ("finetune", "cuda"): 256}
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
-STAGES = ("loader", "model", "end_to_end")
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @dataclass
@@ -52,7 +50,7 @@ class BenchOptions(RunOptions, BackboneOptions):
     what: str = "cache"  # the positional `cache|finetune`
     data: str | None = option(None, "dataset directory (default: generated CIFAR-like images)", group="data")
     dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder)",
-                          choices=("auto", "cifar10", "cifar100", "folder"), group="data")
+                          choices=DATASET_KINDS, group="data")
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
                          choices=LOADERS, group="data")
     images: int = option(1024, "images per timed stage", group="data")
@@ -195,13 +193,12 @@ def recipe_train_transform(pre: Preprocess):
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def recipe_batches(split: Split, transform: Callable, batch_size: int, shuffle: bool) -> Iterator[tuple]:
-    loader = torch.utils.data.DataLoader(RecipeImages(split, transform), batch_size=batch_size, shuffle=shuffle,
-                                         num_workers=ORIGINAL_WORKERS)
-    yield from loader
+def recipe_batches(split: Split, transform: Callable, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(RecipeImages(split, transform), batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=ORIGINAL_WORKERS)
 
 
-def steady_images_per_second(batches: Iterator[tuple], step: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
+def steady_images_per_second(batches: Iterable[tuple], step: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
     """Images/s after the first batch (worker start-up and first-step set-up are the recipe's startup);
     over all of them when there is only one."""
     begin, start, images, seen = time.perf_counter(), None, 0, 0
