@@ -78,9 +78,10 @@ def resize_center_crop(images, pre: Preprocess):
 
 
 def normalize(images, pre: Preprocess):
-    """`ToTensor()` + `Normalize(mean, std)` as float32 CHW."""
+    """`ToTensor()` + `Normalize(mean, std)` as float32 HWC (handed on as channels_last NCHW: no
+    layout copy before the model)."""
     return fn.crop_mirror_normalize(images, mean=[255 * m for m in pre.mean], std=[255 * s for s in pre.std],
-                                    dtype=types.FLOAT, output_layout="CHW")
+                                    dtype=types.FLOAT, output_layout="HWC")
 
 
 @pipeline_def(enable_conditionals=False)
@@ -122,7 +123,8 @@ def dali_device_id(device: torch.device) -> int | None:
 
 
 def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
-    """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device`."""
+    """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device` (channels_last
+    when the pipeline's output is HWC)."""
     batch_size = pipe.max_batch_size
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     for start in range(0, len(order), batch_size):
@@ -134,6 +136,8 @@ def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) ->
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
         feed_ndarray(dense, out, cuda_stream=stream)
+        if images.layout() == "HWC":  # NCHW view of NHWC memory: channels_last, as the model takes it
+            out = out.permute(0, 3, 1, 2)
         yield out[: min(batch_size, len(order) - start)]
 
 

@@ -1,10 +1,13 @@
 """The fused resize + crop + normalize against torchvision's own resize and center crop."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from fastfeat.loaders import dali_available
+from fastfeat.sources import Split
 from fastfeat.transforms import Preprocess, eval_transform, normalize, resize_crop_normalize
 
 # (height, width, resize, crop): CIFAR up to 224, mild and strong upsampling, downsampling, equal size, non-square
@@ -32,3 +35,24 @@ def test_large_inputs_take_torchvision_resize():
     images = torch.randint(0, 256, (2, 3, 80, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     reference = TF.center_crop(TF.resize(images, [32], antialias=True), [28, 28]).float() / 255
     torch.testing.assert_close(eval_transform(images, pre), normalize(reference, pre.mean, pre.std))
+
+
+@pytest.mark.parametrize("height, width, resize, crop", [(32, 32, 256, 224), (40, 50, 64, 56), (300, 411, 64, 56)])
+def test_dali_resizes_only_the_crop_like_torchvision(height, width, resize, crop):
+    """DALI's one resize of the region the crop keeps: torchvision's geometry (bilinear: DALI's and torch's
+    filters agree within a grey level), handed on as channels_last."""
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    from fastfeat import dali_loader
+
+    pre = Preprocess(resize=resize, image_size=crop)
+    pixels = np.random.default_rng(0).integers(0, 256, (5, height, width, 3), dtype=np.uint8)
+    split = Split("train", np.zeros(5, dtype=np.int64), images=pixels)
+    got = torch.cat(list(dali_loader.eval_batches(split, pre, 3, torch.device("cpu"))))
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    reference = normalize(TF.center_crop(TF.resize(images, [resize], antialias=True), [crop, crop]).float() / 255,
+                          pre.mean, pre.std)
+    levels = (got - reference).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    assert levels.max() <= 1.01 and levels.mean() < 0.3, (levels.max(), levels.mean())
+    first = next(dali_loader.eval_batches(split, pre, 3, torch.device("cpu")))
+    assert first.is_contiguous(memory_format=torch.channels_last)
