@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 import sys
 import time
 from dataclasses import dataclass, field
@@ -11,14 +12,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbone import FeatureExtractor
+from .backbone import Backbone, FeatureExtractor
 from .cache_file import FEATURE_DTYPES, CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
-from .runtime import amp_dtype, precision_name
+from .runtime import amp_dtype, host_arrays, precision_name
 from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
@@ -111,11 +112,12 @@ def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int
     }
 
 
-def build_cache(opts: CacheOptions) -> CacheResult:
+def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor: FeatureExtractor | None = None) -> CacheResult:
     """Run the backbone once over every selected split and write the cache; resumable.
 
     Under torchrun each rank caches a contiguous slice of every split into its own shard file;
-    rank 0 then joins the shards, in rank order, into the one cache file.
+    rank 0 then joins the shards, in rank order, into the one cache file. `backbone` and `extractor`:
+    built (and warmed) ones to reuse, as `fastfeat bench` does to keep startup out of its timing.
     """
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
@@ -129,9 +131,9 @@ def build_cache(opts: CacheOptions) -> CacheResult:
         raise InputError(f"{out} already exists (pass --overwrite to replace it)")
     loader = resolve_loader(opts.loader)
     dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
-    backbone = opts.build()
+    backbone = backbone or opts.build()
     spec, pre = backbone.spec.with_precision(precision_name(dtype)), backbone.spec.pre
-    extractor = FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
+    extractor = extractor or FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
     attrs = cache_attrs(dataset, spec, opts.batch_size, opts.limit, opts.seed, plan)
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
@@ -197,10 +199,10 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
     desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
     plan = opts.view_plan()
     with progress(len(split), desc, opts.progress and world.is_main, initial=done) as bar:
-        for images, decoded in _batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device, plan):
-            features = extractor(images)
-            views = view_features(extractor, plan.images(name, first_row + row, images, decoded, pre))
-            writer.write(name, row, features.cpu().numpy(), split.labels[row : row + len(features)], views)
+        batches = _batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device, plan)
+        for features in host_arrays(_features(extractor, batches, plan, name, first_row + done, pre), extractor.device):
+            views = features[:, 1:] if features.shape[1] > 1 else None
+            writer.write(name, row, features[:, 0], split.labels[row : row + len(features)], views)
             row += len(features)
             bar.update(len(features))
     return row - done
@@ -213,11 +215,15 @@ def _batches(split: Split, loader: str, pre: Preprocess, batch_size: int, device
     return ((images, None) for images in eval_batches(split, loader, pre, batch_size, device))
 
 
-def view_features(extractor: FeatureExtractor, views: list[torch.Tensor]) -> np.ndarray | None:
-    """(n, V, D) features of a batch's V extra views, or None without views."""
-    if not views:
-        return None
-    return torch.stack([extractor(images) for images in views], 1).cpu().numpy()
+def _features(extractor: FeatureExtractor, batches, plan: ViewPlan, name: str, first_row: int,
+              pre: Preprocess) -> Iterator[torch.Tensor]:
+    """(n, 1 + V, D) features per batch, still on the device: the center crops', then each extra view's
+    (`first_row`: the batches' first row in the whole split, which seeds the views)."""
+    row = first_row
+    for images, decoded in batches:
+        views = plan.images(name, row, images, decoded, pre)
+        yield torch.stack([extractor(images), *(extractor(view) for view in views)], 1)
+        row += len(images)
 
 
 def _join_shards(out: Path, shards: list[Path], attrs: dict, rows: dict[str, int], files: dict[str, list[str]],

@@ -36,6 +36,7 @@ def _metrics_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCHES, BenchOptions
     from .cache import CacheOptions
     from .finetune import FinetuneOptions
     from .head import HeadOptions
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                            FinetuneOptions))
     _metrics_flag(_command(sub, "knn", "weighted k-nearest-neighbour accuracy on a feature cache (DINO's protocol)",
                            run_knn, KnnOptions))
+
+    bench = _command(sub, "bench", "where the time goes: loader only, model only and end to end on the same images, "
+                                   "the bottleneck and the efficiency", run_bench, BenchOptions)
+    bench.add_argument("what", choices=BENCHES, help="the command to benchmark")
 
     pr = _command(sub, "predict", "classify images with a fine-tuned checkpoint or a head", run_predict)
     pr.add_argument("images", nargs="*", help="image files")
@@ -180,6 +185,18 @@ def run_finetune(args: argparse.Namespace) -> None:
     )
     if args.metrics:
         write_json(args.metrics, metrics)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .bench import BenchOptions, benchmark
+
+    _check_writable(args.json)
+    result = benchmark(replace(from_args(BenchOptions, args), what=args.what), log=print)
+    print("\n".join(result.table()))
+    if args.json:
+        write_json(args.json, result.metrics())
 
 
 def run_predict(args: argparse.Namespace) -> None:

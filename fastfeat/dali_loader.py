@@ -53,14 +53,6 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
 INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
-def resize_shorter(images, size: int, interpolation: str = "bilinear"):
-    """Shorter side to `size`, longer side `int(size * long / short)`: torchvision's `Resize(size)`."""
-    shape = images.shape(dtype=types.FLOAT)
-    short = dmath.min(shape[0], shape[1])
-    size = fn.stack(dmath.floor(size * shape[0] / short), dmath.floor(size * shape[1] / short))
-    return fn.resize(images, size=size, interp_type=INTERP_TYPES[interpolation], antialias=True)
-
-
 def _centre_offset(extent, crop: int):
     """torchvision's `int(round((extent - crop) / 2))`, with Python's round-half-to-even."""
     d = extent - crop
@@ -68,34 +60,42 @@ def _centre_offset(extent, crop: int):
     return q + (d - 2 * q) * (q - 2 * dmath.floor(q / 2))
 
 
-def center_crop_normalize(images, pre: Preprocess):
-    """`CenterCrop(image_size)`, then `ToTensor()` + `Normalize(mean, std)` as float32 CHW."""
+def resize_center_crop(images, pre: Preprocess):
+    """torchvision's `Resize(resize)` (shorter side to `resize`, longer `int(resize * long / short)`) and
+    `CenterCrop(image_size)` as one resize of only the input region the crop keeps, at the full resize's
+    scale: the same sampling positions and antialiasing, without the rows and columns the crop drops."""
     shape = images.shape(dtype=types.FLOAT)
+    short = dmath.min(shape[0], shape[1])
     crop = pre.image_size
-    return fn.crop_mirror_normalize(
-        images,
-        crop=(crop, crop),
-        crop_pos_y=_centre_offset(shape[0], crop) / dmath.max(shape[0] - crop, 1),
-        crop_pos_x=_centre_offset(shape[1], crop) / dmath.max(shape[1] - crop, 1),
-        mean=[255 * m for m in pre.mean],
-        std=[255 * s for s in pre.std],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )
+    starts, ends = [], []
+    for extent in (shape[0], shape[1]):
+        resized = dmath.floor(pre.resize * extent / short)
+        first = _centre_offset(resized, crop)
+        starts.append(first * extent / resized)
+        ends.append((first + crop) * extent / resized)
+    return fn.resize(images, size=(crop, crop), roi_start=fn.stack(*starts), roi_end=fn.stack(*ends),
+                     roi_relative=False, interp_type=INTERP_TYPES[pre.interpolation], antialias=True)
+
+
+def normalize(images, pre: Preprocess):
+    """`ToTensor()` + `Normalize(mean, std)` as float32 HWC (handed on as channels_last NCHW: no
+    layout copy before the model)."""
+    return fn.crop_mirror_normalize(images, mean=[255 * m for m in pre.mean], std=[255 * s for s in pre.std],
+                                    dtype=types.FLOAT, output_layout="HWC")
 
 
 @pipeline_def(enable_conditionals=False)
 def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
-    """The recipe's evaluation preprocessing, pixel-exact in geometry: resize, center crop, normalize."""
+    """The recipe's evaluation preprocessing, pixel-exact in geometry: resize + center crop, normalize."""
     images = read_images(split, order, rows_per_batch, gpu)
-    return center_crop_normalize(resize_shorter(images, pre.resize, pre.interpolation), pre)
+    return normalize(resize_center_crop(images, pre), pre)
 
 
 @pipeline_def(enable_conditionals=False)
 def center_and_decoded_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
     """`eval_pipeline`'s center crops and the decoded images they came from (for augmented views)."""
     images = read_images(split, order, rows_per_batch, gpu)
-    return center_crop_normalize(resize_shorter(images, pre.resize, pre.interpolation), pre), images
+    return normalize(resize_center_crop(images, pre), pre), images
 
 
 @pipeline_def(enable_conditionals=False)
@@ -130,7 +130,8 @@ def dali_device_id(device: torch.device) -> int | None:
 
 
 def run_pipeline(pipe, split: Split, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
-    """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device`."""
+    """Run `pipe` once per batch over `order`, yielding float NCHW torch tensors on `device` (channels_last
+    when the pipeline's output is HWC)."""
     for (images,), rows in pipeline_outputs(pipe, split, order):
         yield to_torch(images, torch.float32, device)[:rows]
 
@@ -148,17 +149,18 @@ def pipeline_outputs(pipe, split: Split, order: np.ndarray) -> Iterator[tuple[tu
 
 
 def to_torch(batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A dense DALI batch as a torch tensor on `device` (device to device on a GPU)."""
+    """A dense DALI batch as a torch tensor on `device` (device to device on a GPU); an HWC batch as the
+    NCHW view of its NHWC memory (channels_last, as the model takes it)."""
     dense = batch.as_tensor()
     out = torch.empty(dense.shape(), dtype=dtype, device=device)
     feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-    return out
+    return out.permute(0, 3, 1, 2) if batch.layout() == "HWC" else out
 
 
 def decoded_to_torch(batch, rows: int, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
     """Decoded HWC uint8 images as one NCHW tensor when they share a size, else a list of CHW tensors."""
     if batch.is_dense_tensor():
-        return to_torch(batch, torch.uint8, device)[:rows].permute(0, 3, 1, 2)
+        return to_torch(batch, torch.uint8, device)[:rows]
     host = batch.as_cpu() if hasattr(batch, "device_id") else batch
     return [torch.from_numpy(np.array(host.at(i))).permute(2, 0, 1).to(device) for i in range(rows)]
 

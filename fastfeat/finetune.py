@@ -273,7 +273,7 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     test_labels = torch.from_numpy(test.labels).to(device)
     while trainer.epoch < opts.epochs:
         start = time.perf_counter()
-        train_loss, train_acc, images, train_seconds = _train_epoch(trainer, train, loader, pre, aug)
+        train_loss, train_acc, images, train_seconds = train_epoch(trainer, train, loader, pre, aug)
         valid_loss, valid_acc = trainer.evaluate(eval_batches(test, loader, pre, opts.batch_size, device), test_labels)
         seconds = time.perf_counter() - start
         if not (math.isfinite(valid_loss) and trainer.weights_finite()):
@@ -297,7 +297,7 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size)
 
 
-def _train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, aug: Augment) -> tuple[float, float, int, float]:
+def train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, aug: Augment) -> tuple[float, float, int, float]:
     """One pass over this rank's share of the epoch's shuffle; loss, accuracy and images summed over ranks."""
     opts, world, device = trainer.opts, trainer.world, trainer.device
     order = epoch_order(len(train), opts.seed, trainer.epoch, opts.batch_size, world)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import queue
+import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +15,8 @@ from .sources import Split
 from .transforms import Augment, Preprocess, augment, eval_transform, per_size
 
 LOADERS = ("auto", "dali", "torch")
+PREFETCH_DEPTH = 2  # batches made ahead of the model: enough to cover one slow batch, little memory
+T = TypeVar("T")
 
 
 def dali_available() -> bool:
@@ -37,16 +42,16 @@ def resolve_loader(name: str = "auto") -> str:
 def eval_batches(
     split: Split, loader: str, pre: Preprocess, batch_size: int, device: torch.device, order: np.ndarray | None = None
 ) -> Iterator[torch.Tensor]:
-    """Normalized float NCHW batches of `split` (rows in `order`, default split order) on `device`."""
+    """Normalized float NCHW batches of `split` (rows in `order`, default split order) on `device`,
+    made ahead in a background thread while the model runs."""
     if loader == "dali":
         from . import dali_loader
 
-        yield from dali_loader.eval_batches(split, pre, batch_size, device, order)
-        return
+        return prefetch(dali_loader.eval_batches(split, pre, batch_size, device, order))
     from .torch_loader import uint8_batches
 
-    for batch in uint8_batches(split, batch_size, device, order):
-        yield per_size(batch, lambda images: eval_transform(images, pre))
+    return prefetch(per_size(batch, lambda images: eval_transform(images, pre))
+                    for batch in uint8_batches(split, batch_size, device, order))
 
 
 def center_and_decoded_batches(
@@ -70,14 +75,58 @@ def train_batches(
     order: np.ndarray, seed: int,
 ) -> Iterator[torch.Tensor]:
     """Augmented, normalized float NCHW batches of the rows `order` on `device`; random per sample,
-    reproducible from `seed`."""
+    reproducible from `seed`; made ahead in a background thread while the model trains."""
     if loader == "dali":
         from . import dali_loader
 
-        yield from dali_loader.train_batches(split, pre, aug, batch_size, device, order, seed)
-        return
+        return prefetch(dali_loader.train_batches(split, pre, aug, batch_size, device, order, seed))
     from .torch_loader import uint8_batches
 
     generator = torch.Generator(device).manual_seed(seed)
-    for batch in uint8_batches(split, batch_size, device, order):
-        yield per_size(batch, lambda images: augment(images, pre, aug, generator))
+    return prefetch(per_size(batch, lambda images: augment(images, pre, aug, generator))
+                    for batch in uint8_batches(split, batch_size, device, order))
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def prefetch(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
+    """`items`, made up to `depth` ahead by a background thread while the caller works on the current
+    one (torch ops and DALI release the GIL, so the two overlap). The producer's error is raised here,
+    in order; when the caller stops early the producer stops after the item it is making."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as error:  # handed to the caller, who decides
+            put(_Failed(error))
+
+    producer = threading.Thread(target=produce, name="fastfeat-prefetch", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        producer.join()

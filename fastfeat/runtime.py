@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -61,3 +63,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer around it measures that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_arrays(tensors: Iterable[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
+    """`tensors` (on `device`) as host arrays. On a GPU each is copied without blocking into pinned
+    memory (torch's caching host allocator reuses the buffers) and handed on once the next one is
+    queued, so the copy and the caller's work on it overlap the next batch's GPU work."""
+    if device.type != "cuda":
+        yield from (t.numpy() for t in tensors)
+        return
+    pending = None
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        if pending is not None:
+            pending[1].synchronize()
+            yield pending[0].numpy()
+        pending = (host, copied)
+    if pending is not None:
+        pending[1].synchronize()
+        yield pending[0].numpy()

@@ -1,10 +1,12 @@
 """Batched image transforms in torch, on the batch's device: the recipe's preprocessing, vectorised."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import InputError
@@ -12,6 +14,7 @@ from .errors import InputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
+OVERSHOOTS = {"bilinear": False, "bicubic": True}  # whether the filter has negative lobes
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,69 @@ class Preprocess:
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Float NCHW pixels in [0, 1] -> standardised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+    """Float NCHW pixels in [0, 1] -> standardised per channel, in one pass: x / std - mean / std."""
+    scale = 1 / torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return torch.addcmul(-torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * scale, images, scale)
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's `Resize(size)`: the shorter side to `size`, the longer `int(size * long / short)`."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def crop_start(extent: int, crop: int) -> int:
+    """torchvision's center-crop offset."""
+    return int(round((extent - crop) / 2))
+
+
+def axis_weights(size: int, resized: int, start: int, crop: int, interpolation: str) -> torch.Tensor:
+    """(crop, size) float64: row i holds the weights torch's antialiased resize of one axis from `size`
+    to `resized` gives output pixel `start + i`, read off by resizing the identity matrix's rows (its
+    columns keep their size, an identity map), so they are torch's own, exactly."""
+    eye = torch.eye(size, dtype=torch.float64).view(1, 1, size, size)
+    weights = F.interpolate(eye, size=(resized, size), mode=interpolation, antialias=True, align_corners=False)
+    return weights[0, 0, start : start + crop]
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_plan(height: int, width: int, pre: Preprocess, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Row weights (crop, H), column weights (W, crop), per-channel shift and scale of `resize_crop_normalize`."""
+    out_h, out_w = resized_size(height, width, pre.resize)
+    crop = pre.image_size
+    rows = axis_weights(height, out_h, crop_start(out_h, crop), crop, pre.interpolation)
+    cols = axis_weights(width, out_w, crop_start(out_w, crop), crop, pre.interpolation).T
+    shift = 255 * torch.tensor(pre.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    scale = 1 / (255 * torch.tensor(pre.std, dtype=torch.float64)).view(1, 3, 1, 1)
+    return tuple(t.to(device, torch.float32).contiguous() for t in (rows, cols, shift, scale))
+
+
+def resize_crop_normalize(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW (one size) -> `eval_transform`'s output in one pass over it: two small matmuls with
+    the crop's rows and columns of the resize weights only (columns first, as torch's resize). Every
+    weight row sums to 1, so the mean is subtracted on the small input and the 1/std scale applied
+    between the matmuls. The result is channels_last (what the model takes). Bicubic overshoots the
+    pixel range: each pass is clamped to it, as torchvision's uint8 resize does."""
+    n, _, height, width = images.shape
+    rows, cols, shift, scale = _fused_plan(height, width, pre, images.device)
+    low, high = -shift * scale, (255 - shift) * scale
+    clamp = OVERSHOOTS[pre.interpolation]
+    crop = pre.image_size
+    columns = (images.float() - shift) @ cols * scale  # (N, 3, H, crop): small
+    if clamp:
+        columns.clamp_(low, high)
+    columns = columns.permute(0, 2, 3, 1).reshape(n, height, crop * 3)  # channels innermost
+    out = (rows @ columns).view(n, crop, crop, 3).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    return out.clamp_(low, high) if clamp else out
 
 
 def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size)."""
+    """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size), torchvision's
+    Resize + CenterCrop + Normalize. Inputs no larger than the resized image (CIFAR's 32 px) take the
+    fused matmul pass; larger ones torch's separable resize, which reads only the taps it needs."""
+    if images.shape[-2] * images.shape[-1] <= pre.resize**2:
+        return resize_crop_normalize(images, pre)
     images = TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation), antialias=True)
     images = TF.center_crop(images, [pre.image_size, pre.image_size])
     return normalize(images.float() / 255.0, pre.mean, pre.std)

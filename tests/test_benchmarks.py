@@ -20,6 +20,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["data"] == "generated: 30 CIFAR-like images (20 train, 10 test)", report["data"]
-    assert set(report["cache"]) == {"fp32", "bfloat16", "bfloat16 no-channels-last", "float16", "float16 no-channels-last"}
-    assert all(r["min_cosine_vs_fp32"] > 0.999 for name, r in report["cache"].items() if name != "fp32")
-    assert set(report["finetune"]) == {"bfloat16", "float16", "fp32"} and report["augment_only_images_per_second"] > 0
+    assert set(report["agreement"]) == {"bfloat16", "bfloat16 no-channels-last", "float16", "float16 no-channels-last"}
+    assert all(cosine > 0.999 for cosine in report["agreement"].values()), report["agreement"]
+    assert set(report["bench"]) == {"cache", "finetune bfloat16", "finetune float16"}
+    for name, bench in report["bench"].items():
+        assert bench["end_to_end_images_per_second"] > 0 and bench["bottleneck"] in ("loader", "model"), name
+    assert report["bench"]["finetune float16"]["settings"]["precision"] == "float16"

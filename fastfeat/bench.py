@@ -1,0 +1,374 @@
+"""`fastfeat bench cache|finetune`: where the time goes, and which stage bounds the run.
+
+On the same images, batch size and precision, it times
+- loader only: decode + resize/crop (+ augmentation) + normalize, batches delivered on the device;
+- model only: the forward (cache) or the whole training step (finetune) on a batch already there;
+- end to end: the real command path (`build_cache` with its HDF5 writes into a temporary file; the
+  fine-tune epoch loop with the real loader);
+- with `--vs-original`, the original recipe's pipeline (PIL transforms + DataLoader + fp32).
+Startup (model build, first passes: DALI pipeline build, oneDNN primitives, compile) is run first and
+reported apart. Each stage runs `--repeats` times, interleaved with the others; the best run counts.
+With no `--data` it generates CIFAR-like images (in CIFAR's python layout, and as a JPEG folder for
+`--dataset folder`), so it runs anywhere.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from .backbone import FeatureExtractor, build_backbone
+from .cache import CacheOptions, build_cache
+from .errors import InputError
+from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
+from .loaders import LOADERS, dali_available, eval_batches, resolve_loader, train_batches
+from .options import BackboneOptions, RunOptions, option
+from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
+from .sources import DATASET_KINDS, Dataset, Split, open_dataset
+from .synthetic import data_or_sample
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, Preprocess
+
+BENCHES = ("cache", "finetune")
+# default batch sizes: a CPU's, and one that fills a large GPU
+BATCH_SIZES = {("cache", "cpu"): 128, ("cache", "cuda"): 1024, ("finetune", "cpu"): 64, ("finetune", "cuda"): 256}
+ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
+ORIGINAL_WORKERS = 2
+STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
+
+
+@dataclass
+class BenchOptions(RunOptions, BackboneOptions):
+    what: str = "cache"  # the positional `cache|finetune`
+    data: str | None = option(None, "dataset directory (default: generated CIFAR-like images)", group="data")
+    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder)",
+                          choices=DATASET_KINDS, group="data")
+    loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
+                         choices=LOADERS, group="data")
+    images: int = option(1024, "images per timed stage", group="data")
+    weights: str = option("none", "none (random from --seed: nothing to download), DEFAULT, a weights name or FILE",
+                          group="backbone")
+    batch_size: int | None = option(None, "images per batch (default: 128 cache, 64 finetune; 1024 and 256 on a GPU)",
+                                    group="device and precision")
+    jitter: float = option(0.0, "finetune: ColorJitter strength", group="bench")
+    repeats: int = option(2, "timed runs of each stage, interleaved; the best counts", group="bench")
+    vs_original: bool = option(False, "also time the original recipe's pipeline (PIL + DataLoader + fp32)",
+                               group="bench")
+    json: str | None = option(None, "also write every number, the settings and machine info to this JSON file",
+                              group="bench")
+    progress: bool = False  # the timed loops print nothing
+
+    def batch(self, device: torch.device) -> int:
+        return self.batch_size or BATCH_SIZES[self.what, device.type]
+
+
+@dataclass
+class BenchResult:
+    what: str
+    settings: dict
+    runs: dict[str, list[float]]  # stage -> images/s of each run
+    startup: dict[str, float]
+    machine: dict = field(default_factory=dict)
+
+    def best(self, stage: str) -> float:
+        return max(self.runs[stage])
+
+    @property
+    def bottleneck(self) -> str:
+        return "loader" if self.best("loader") < self.best("model") else "model"
+
+    @property
+    def efficiency(self) -> float:
+        """End to end against the slower stage alone: 1.0 = the loop adds nothing to its bottleneck."""
+        return self.best("end_to_end") / min(self.best("loader"), self.best("model"))
+
+    def table(self) -> list[str]:
+        s = self.settings
+        lines = [f"fastfeat bench {self.what}: {s['arch']} ({s['weights']}), {s['image_size']} px, batch {s['batch_size']}, "
+                 f"{s['precision']}, loader {s['loader']}, {s['device']}; {s['images']} images of {s['data']}",
+                 f"{'stage':<16} {'images/s':>9}  runs"]
+        for stage, runs in self.runs.items():
+            lines.append(f"{STAGE_NAMES[stage]:<16} {max(runs):>9.1f}  {', '.join(f'{r:.1f}' for r in runs)}")
+        startup = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in self.startup.items())
+        lines.append(f"bottleneck: {self.bottleneck}; efficiency {self.efficiency:.3f} (end to end / slower stage); "
+                     f"startup {sum(self.startup.values()):.2f} s ({startup}, not timed)")
+        return lines
+
+    def metrics(self) -> dict:
+        extra = {"original_images_per_second": round(self.best("original"), 2)} if "original" in self.runs else {}
+        return {
+            "command": f"bench {self.what}",
+            "loader_images_per_second": round(self.best("loader"), 2),
+            "model_images_per_second": round(self.best("model"), 2),
+            "end_to_end_images_per_second": round(self.best("end_to_end"), 2),
+            **extra,
+            "bottleneck": self.bottleneck,
+            "efficiency": round(self.efficiency, 4),
+            "startup_seconds": round(sum(self.startup.values()), 3),
+            "startup": {k: round(v, 3) for k, v in self.startup.items()},
+            "runs": {k: [round(r, 2) for r in v] for k, v in self.runs.items()},
+            "settings": self.settings,
+            "machine": self.machine,
+        }
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers depend on: CPU model and cores, GPU, library versions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    dali = None
+    if dali_available():
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    return {
+        "cpu_model": names[0] if names else platform.processor(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "dali": dali,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def timed(device: torch.device, run: Callable[[], int]) -> float:
+    """Images/s of `run` (which returns the images it processed), device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    images = run()
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def batch_sizes(images: int, batch_size: int) -> list[int]:
+    return [min(batch_size, images - start) for start in range(0, images, batch_size)]
+
+
+# ---- the original recipe ---------------------------------------------------------------------------------
+
+
+class RecipeImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 (or ImageFolder) does per item: a PIL image through the transform, label."""
+
+    def __init__(self, split: Split, transform: Callable):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.split.images is not None:
+            image = Image.fromarray(self.split.images[index])
+        else:
+            with Image.open(self.split.files[index]) as file:
+                image = file.convert("RGB")
+        return self.transform(image), int(self.split.labels[index])
+
+
+def recipe_eval_transform(pre: Preprocess):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
+                      T.CenterCrop(pre.image_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def recipe_train_transform(pre: Preprocess):
+    """The recipe's fine-tune augmentation (its sizes scaled to `pre`), ImageNet normalization."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(size=pre.resize, scale=(0.8, 1.0)), T.RandomRotation(degrees=15),
+                      T.ColorJitter(), T.RandomResizedCrop(pre.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def recipe_batches(split: Split, transform: Callable, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(RecipeImages(split, transform), batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=ORIGINAL_WORKERS)
+
+
+def steady_images_per_second(batches: Iterable[tuple], step: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
+    """Images/s after the first batch (worker start-up and first-step set-up are the recipe's startup);
+    over all of them when there is only one."""
+    begin, start, images, seen = time.perf_counter(), None, 0, 0
+    for inputs, labels in batches:
+        step(inputs, labels)
+        images += len(labels)
+        if start is None:
+            start = time.perf_counter()
+        else:
+            seen += len(labels)
+    end = time.perf_counter()
+    return seen / (end - start) if seen else images / (end - begin)
+
+
+# ---- the two benchmarks -----------------------------------------------------------------------------------
+
+
+class CacheBench:
+    """`fastfeat cache`'s stages: the frozen forward; end to end = `build_cache` into a temporary file."""
+
+    def __init__(self, opts: BenchOptions, root: Path, dataset: Dataset, device: torch.device, tmp: Path):
+        self.opts, self.root, self.device, self.tmp = opts, root, device, tmp
+        self.split, self.classes = dataset.splits["train"], len(dataset.classes)
+        self.loader, self.batch_size = resolve_loader(opts.loader), opts.batch(device)
+        self.dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
+        self.backbone = opts.build()
+        self.pre = self.backbone.spec.pre
+        self.extractor = FeatureExtractor(self.backbone.model, device, self.dtype, opts.channels_last, opts.compile)
+
+    def warm_up(self) -> None:
+        """One full and one tail batch through each stage: every shape the timed runs meet."""
+        self.first = next(eval_batches(self.split.rows(0, self.batch_size), self.loader, self.pre, self.batch_size, self.device))
+        self.model(min(len(self.split), self.batch_size + len(self.split) % self.batch_size))
+        self.end_to_end(min(len(self.split), max(self.classes, self.batch_size + len(self.split) % self.batch_size)))
+
+    def loader_only(self) -> int:
+        return sum(len(batch) for batch in eval_batches(self.split, self.loader, self.pre, self.batch_size, self.device))
+
+    def model(self, images: int | None = None) -> int:
+        images = images or len(self.split)
+        features = (self.extractor(self.first[:n]) for n in batch_sizes(images, self.batch_size))
+        for _ in host_arrays(features, self.device):  # the features reach the host, as in `build_cache`
+            pass
+        return images
+
+    def end_to_end(self, images: int | None = None) -> float:
+        result = build_cache(CacheOptions(
+            data=str(self.root), dataset=self.opts.dataset, splits=("train",), limit=images or self.opts.images,
+            loader=self.loader, arch=self.opts.arch, weights=self.opts.weights, resize=self.opts.resize,
+            image_size=self.opts.image_size, interpolation=self.opts.interpolation, seed=self.opts.seed,
+            device=str(self.device), batch_size=self.batch_size, amp=self.opts.amp, amp_dtype=self.opts.amp_dtype,
+            channels_last=self.opts.channels_last, compile=self.opts.compile, out=str(self.tmp / "bench.h5"),
+            overwrite=True, progress=False,
+        ), self.backbone, self.extractor)
+        return result.images_per_second
+
+    def original(self) -> float:
+        """PIL Resize + CenterCrop + ToTensor + Normalize, DataLoader(batch 64, 2 workers), fp32 forward."""
+        net = build_backbone(self.opts.arch, self.opts.weights, self.opts.seed, self.pre).model.to(self.device)
+        batches = recipe_batches(self.split, recipe_eval_transform(self.pre), ORIGINAL_BATCH["cache"], False)
+        with torch.no_grad():
+            return steady_images_per_second(batches, lambda images, _: net(images.to(self.device)).cpu())
+
+
+class FinetuneBench:
+    """`fastfeat finetune`'s stages: the whole training step (`Trainer.step`); end to end = its epoch loop."""
+
+    def __init__(self, opts: BenchOptions, root: Path, dataset: Dataset, device: torch.device, tmp: Path):
+        self.split, self.device, self.batch_size = dataset.splits["train"], device, opts.batch(device)
+        self.loader = resolve_loader(opts.loader)
+        self.options = FinetuneOptions(
+            data=str(root), dataset=opts.dataset, limit=opts.images, loader=self.loader, arch=opts.arch, weights=opts.weights,
+            resize=opts.resize, image_size=opts.image_size, interpolation=opts.interpolation, seed=opts.seed,
+            device=str(device), batch_size=self.batch_size, amp=opts.amp, amp_dtype=opts.amp_dtype,
+            channels_last=opts.channels_last, compile=opts.compile, jitter=opts.jitter, checkpoint_dir=str(tmp),
+            progress=False,
+        )
+        self.order = epoch_order(len(self.split), opts.seed, 0, self.batch_size)
+        self.trainer = Trainer(self.options, list(dataset.classes), -(-len(self.order) // self.batch_size), device=device)
+        self.pre, self.aug = self.trainer.spec.pre, Augment(jitter=opts.jitter)
+        self.dtype = self.trainer.dtype
+
+    def batches(self, order: np.ndarray) -> Iterator[torch.Tensor]:
+        return train_batches(self.split, self.loader, self.pre, self.aug, self.batch_size, self.device, order, 0)
+
+    def warm_up(self) -> None:
+        self.first = next(self.batches(self.order[: self.batch_size]))
+        self.labels = torch.from_numpy(self.split.labels[self.order[: len(self.first)]]).to(self.device)
+        self.model(min(len(self.order), 2 * self.batch_size))  # the first steps set up; every batch has one size
+
+    def loader_only(self) -> int:
+        return sum(len(batch) for batch in self.batches(self.order))
+
+    def model(self, images: int | None = None) -> int:
+        images = images or len(self.order)
+        self.trainer.train_mode()
+        for n in batch_sizes(images, self.batch_size):
+            loss, _ = self.trainer.step(self.first[:n], self.labels[:n])
+        loss.item()
+        return images
+
+    def end_to_end(self) -> float:
+        _, _, images, seconds = train_epoch(self.trainer, self.split, self.loader, self.pre, self.aug)
+        return images / seconds
+
+    def original(self) -> float:
+        """The recipe's augmentation in PIL, DataLoader(batch 16, 2 workers), fp32 SGD over the whole network."""
+        backbone = build_backbone(self.options.arch, self.options.weights, self.options.seed, self.pre)
+        net = backbone.with_head(torch.nn.Linear(backbone.spec.feature_dim, len(self.trainer.classes))).to(self.device)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, weight_decay=1e-3, momentum=0.9)
+        criterion = torch.nn.CrossEntropyLoss()
+        net.train()
+
+        def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+            loss = criterion(net(images.to(self.device)), labels.to(self.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        batches = recipe_batches(self.split, recipe_train_transform(self.pre), ORIGINAL_BATCH["finetune"], True)
+        return steady_images_per_second(batches, step)
+
+
+BENCH_CLASSES = {"cache": CacheBench, "finetune": FinetuneBench}
+
+
+def check_options(opts: BenchOptions) -> None:
+    if opts.what not in BENCHES:
+        raise InputError(f"unknown bench {opts.what!r}: choose {' or '.join(BENCHES)}")
+    if opts.images < 10 or opts.repeats < 1 or (opts.batch_size is not None and opts.batch_size < 1):
+        raise InputError("--images must be at least 10 (every class once), --repeats and --batch-size at least 1")
+
+
+def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
+    """The data root, its train split of `--images` rows, and a line saying which data it is."""
+    root, described = data_or_sample(opts.data, opts.images, tmp, test_images=0)
+    if opts.data is None and opts.dataset == "folder":
+        root, described = root / "folder", described.replace("images", "JPEG images", 1)
+    return root, open_dataset(root, opts.dataset, ("train",), opts.images, seed=opts.seed), described
+
+
+def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None) -> BenchResult:
+    """Build once, warm up once, then time each stage `repeats` times, interleaved."""
+    check_options(opts)
+    device = resolve_device(opts.device)
+    with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
+        root, dataset, described = open_images(opts, Path(tmp))
+        log(f"data: {described}")
+        start = time.perf_counter()
+        bench = BENCH_CLASSES[opts.what](opts, root, dataset, device, Path(tmp))
+        built = time.perf_counter()
+        bench.warm_up()
+        startup = {"model_build": built - start, "warm_up": time.perf_counter() - built}
+        stages = {"loader": lambda: timed(device, bench.loader_only), "model": lambda: timed(device, bench.model),
+                  "end_to_end": bench.end_to_end}
+        if opts.vs_original:
+            stages["original"] = bench.original
+        runs: dict[str, list[float]] = {stage: [] for stage in stages}
+        for repeat in range(opts.repeats):
+            for stage, measure in stages.items():
+                runs[stage].append(measure())
+                log(f"  run {repeat + 1}: {STAGE_NAMES[stage]} {runs[stage][-1]:.1f} images/s")
+    settings = {
+        "arch": opts.arch, "weights": opts.weights, "image_size": bench.pre.image_size, "resize": bench.pre.resize,
+        "interpolation": bench.pre.interpolation, "batch_size": bench.batch_size, "precision": precision_name(bench.dtype),
+        "loader": bench.loader, "device": str(device), "images": len(bench.split), "data": described,
+        "dataset": opts.dataset,
+        "channels_last": opts.channels_last, "compile": opts.compile, "repeats": opts.repeats,
+        **({"original_batch_size": ORIGINAL_BATCH[opts.what], "original_workers": ORIGINAL_WORKERS}
+           if opts.vs_original else {}),
+    }
+    return BenchResult(opts.what, settings, runs, startup, machine_info(device))
+
