@@ -30,7 +30,13 @@ from .backbone import FeatureExtractor, build_backbone
 from .cache import CacheOptions, build_cache
 from .errors import InputError
 from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
-from .loaders import LOADERS, dali_available, eval_batches, resolve_loader, train_batches
+from .loaders import (
+    LOADERS,
+    dali_available,
+    eval_batches,
+    resolve_loader,
+    train_batches,
+)
 from .options import BackboneOptions, RunOptions, option
 from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
 from .sources import DATASET_KINDS, Dataset, Split, open_dataset

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
