@@ -53,7 +53,8 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
     backbone_lr_scale: float = option(0.1, "backbone lr = lr x this", group="training")
     optimizer: str = option("sgd", "nesterov SGD or AdamW", choices=("sgd", "adamw"), group="training")
     schedule: str = option("cosine", "per-step decay after the warm-up", choices=SCHEDULES, group="training")
-    warmup_epochs: float = option(0.5, "linear lr warm-up", group="training")
+    warmup_epochs: float = option(1.0, "linear lr warm-up (with --init-head: head-only epochs, then the backbone's ramp)",
+                                  group="training")
     weight_decay: float = option(5e-4, "L2 weight decay", group="training")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="training")
     freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
@@ -166,23 +167,33 @@ def make_optimizer(model: nn.Module, head_path: str, opts: FinetuneOptions) -> t
 
 def make_schedule(optimizer: torch.optim.Optimizer, opts: FinetuneOptions, steps_per_epoch: int):
     """Per-step LambdaLR (backbone group, head group): linear warm-up, then cosine decay, a x0.1 step every
-    third of the run, or flat. A head from `--init-head` is already trained: it skips the warm-up, so that
-    it follows the backbone from the first step while the backbone's lr ramps up from 0."""
-    total, warmup = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
+    third of the run, or flat. From `--init-head` (a trained head) the warm-up is head-only instead: the
+    backbone holds still (lr 0; `Trainer.train_mode` keeps it in eval mode) while the head adapts to the
+    augmented batches at full lr, then the backbone's lr ramps up over as many steps again."""
+    total, warmup = opts.epochs * steps_per_epoch, warmup_steps(opts, steps_per_epoch)
     if opts.schedule not in SCHEDULES:
         raise InputError(f"unknown --schedule {opts.schedule!r}: choose {', '.join(SCHEDULES)}")
 
-    def factor(step: int, warmup: int = warmup) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+    def factor(step: int, hold: int = 0, warmup: int = warmup) -> float:
+        if step < hold:
+            return 0.0
+        if step < hold + warmup:
+            return (step - hold + 1) / warmup
         if opts.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * (step - hold - warmup) / max(1, total - hold - warmup)))
         if opts.schedule == "step":
             return 0.1 ** (3 * step // max(1, total))
         return 1.0
 
-    head = functools.partial(factor, warmup=0) if opts.init_head else factor
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, head])
+    if opts.init_head:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [functools.partial(factor, hold=warmup),
+                                                             functools.partial(factor, warmup=0)])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_steps(opts: FinetuneOptions, steps_per_epoch: int) -> int:
+    """The warm-up's steps (with --init-head: the head-only steps)."""
+    return int(opts.warmup_epochs * steps_per_epoch)
 
 
 def epoch_order(n: int, seed: int, epoch: int, batch_size: int, world: World = World()) -> np.ndarray:
@@ -218,17 +229,24 @@ class Trainer:
         self.forward = torch.compile(wrapped) if opts.compile else wrapped
         self.optimizer = make_optimizer(self.model, self.head_path, opts)
         self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
+        self.head_only = warmup_steps(opts, steps_per_epoch) if opts.init_head else 0  # the first steps
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
         self.classes, self.epoch, self.history = classes, 0, []
 
     def train_mode(self) -> None:
-        """BatchNorm trains in unfrozen layers only; frozen layers keep their running statistics."""
+        """BatchNorm trains in unfrozen layers only; frozen layers keep their running statistics; during a
+        head-only warm-up the whole backbone does (the head sees the very features it was fit on)."""
+        if self.schedule.last_epoch < self.head_only:
+            self.model.eval()
+            return
         self.model.train()
         for module in self.frozen:
             module.eval()
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.schedule.last_epoch == self.head_only:  # the head-only warm-up (if any) ends: the backbone joins
+            self.train_mode()
         images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.dtype):
             logits = self.forward(images)
