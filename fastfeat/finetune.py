@@ -38,7 +38,7 @@ SCHEDULES = ("cosine", "step", "none")
 
 @dataclass
 class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
-    batch_size: int = option(64, "images per batch (per rank under torchrun)", group="device and precision")
+    batch_size: int = option(256, "images per batch (per rank under torchrun)", group="device and precision")
     augment: str = option("crop-flip", "augmentation preset: the original recipe's (RandomResizedCrop 256 + "
                                        "rotation + RandomResizedCrop + flip), crop-flip (random crop of the reflect-"
                                        "padded image + flip, no resampling) or rrc-flip (RandomResizedCrop + flip)",
@@ -49,8 +49,8 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
                                            group="training")
     jitter: float = option(0.0, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
     epochs: int = option(5, "passes over the train split", group="training")
-    lr: float = option(0.01, "the head's learning rate", group="training")
-    backbone_lr_scale: float = option(0.1, "backbone lr = lr x this", group="training")
+    lr: float = option(0.05, "the head's learning rate", group="training")
+    backbone_lr_scale: float = option(1.0, "backbone lr = lr x this", group="training")
     optimizer: str = option("sgd", "nesterov SGD or AdamW", choices=("sgd", "adamw"), group="training")
     schedule: str = option("cosine", "per-step decay after the warm-up", choices=SCHEDULES, group="training")
     warmup_epochs: float = option(1.0, "linear lr warm-up (with --init-head: head-only epochs, then the backbone's ramp)",
@@ -245,7 +245,7 @@ class Trainer:
             module.eval()
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.schedule.last_epoch == self.head_only:  # the head-only warm-up (if any) ends: the backbone joins
+        if self.head_only and self.schedule.last_epoch == self.head_only:  # the head-only warm-up ends: the backbone joins
             self.train_mode()
         images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.dtype):
