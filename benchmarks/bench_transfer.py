@@ -41,7 +41,14 @@ from fastfeat.synthetic import data_or_sample
 from fastfeat.transforms import AUGMENT_PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer_task import PlainSettings, TransferTask, accuracy, build_transfer_task, plain_train, tensors  # noqa: E402
+from transfer_task import (
+    PlainSettings,
+    TransferTask,
+    accuracy,
+    build_transfer_task,
+    plain_train,
+    tensors,
+)
 
 SMALL = ["--resize", "32", "--image-size", "32"]  # the task's own size: no resampling before the model
 
