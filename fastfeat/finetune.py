@@ -59,8 +59,9 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="training")
     freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
                                  "backbone (0.5), or module names; `--freeze help` lists an arch's", group="training")
-    init_head: str | None = option(None, "start from a head made by train-head on the same features (the head "
-                                         "then skips the warm-up: only the backbone's lr ramps up)", group="training")
+    init_head: str | None = option(None, "start from a head made by train-head on the same features (the warm-up "
+                                         "is then head-only: the backbone holds still, then its lr ramps up)",
+                                   group="training")
     val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
                                       "epoch and choose best.pt; test is evaluated once, at the end, with last and best. "
                                       "0: validate on test every epoch (the recipe's protocol)", group="training")
