@@ -62,7 +62,8 @@ def test_backbone_really_changes_and_frozen_stages_do_not(learnable, tmp_path):
 
 def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp_path):
     lines = []
-    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02), log=lines.append)
+    # backbone x0.1: a random network learns this set at a tenth of the head's lr, not at the default x1
+    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02, backbone_lr_scale=0.1), log=lines.append)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert result.history[-1]["valid_acc"] >= 0.9
