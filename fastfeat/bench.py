@@ -29,7 +29,7 @@ from PIL import Image
 from .backbone import FeatureExtractor, build_backbone
 from .cache import CacheOptions, build_cache
 from .errors import InputError
-from .finetune import FinetuneOptions, Trainer, epoch_order, train_epoch
+from .finetune import FinetuneOptions, Trainer, augmentation, epoch_order, train_epoch
 from .loaders import (
     LOADERS,
     dali_available,
@@ -41,7 +41,7 @@ from .options import BackboneOptions, RunOptions, option
 from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
 from .sources import DATASET_KINDS, Dataset, Split, open_dataset
 from .synthetic import data_or_sample
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, Preprocess
+from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 BENCHES = ("cache", "finetune")
 # default batch sizes: a CPU's, and one that fills a large GPU
@@ -65,6 +65,8 @@ class BenchOptions(RunOptions, BackboneOptions):
     batch_size: int | None = option(None, "images per batch (default: 128 cache, 64 finetune; 1024 and 256 on a GPU)",
                                     group="device and precision")
     jitter: float = option(0.0, "finetune: ColorJitter strength", group="bench")
+    augment: str = option(FinetuneOptions.augment, "finetune: the augmentation preset (fastfeat finetune's default)",
+                          choices=AUGMENT_PRESETS, group="bench")
     repeats: int = option(2, "timed runs of each stage, interleaved; the best counts", group="bench")
     vs_original: bool = option(False, "also time the original recipe's pipeline (PIL + DataLoader + fp32)",
                                group="bench")
@@ -279,12 +281,13 @@ class FinetuneBench:
             data=str(root), dataset=opts.dataset, limit=opts.images, loader=self.loader, arch=opts.arch, weights=opts.weights,
             resize=opts.resize, image_size=opts.image_size, interpolation=opts.interpolation, seed=opts.seed,
             device=str(device), batch_size=self.batch_size, amp=opts.amp, amp_dtype=opts.amp_dtype,
-            channels_last=opts.channels_last, compile=opts.compile, jitter=opts.jitter, checkpoint_dir=str(tmp),
+            channels_last=opts.channels_last, compile=opts.compile, jitter=opts.jitter, augment=opts.augment,
+            checkpoint_dir=str(tmp),
             progress=False,
         )
         self.order = epoch_order(len(self.split), opts.seed, 0, self.batch_size)
         self.trainer = Trainer(self.options, list(dataset.classes), -(-len(self.order) // self.batch_size), device=device)
-        self.pre, self.aug = self.trainer.spec.pre, Augment(jitter=opts.jitter)
+        self.pre, self.aug = self.trainer.spec.pre, augmentation(self.options)
         self.dtype = self.trainer.dtype
 
     def batches(self, order: np.ndarray) -> Iterator[torch.Tensor]:
@@ -307,7 +310,7 @@ class FinetuneBench:
         return images
 
     def end_to_end(self) -> float:
-        _, _, images, seconds = train_epoch(self.trainer, self.split, self.loader, self.pre, self.aug)
+        _, _, images, seconds = train_epoch(self.trainer, self.split, self.loader, self.aug)
         return images / seconds
 
     def original(self) -> float:

@@ -178,13 +178,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     result = finetune(opts)
     if not is_main_process():
         return
-    metrics = result.metrics()
-    print(
-        f"fine-tuned {len(result.history)} epochs: best valid acc {result.best_valid_acc:.4f}, "
-        f"{metrics['train_images_per_second']:.1f} train img/s -> {result.checkpoint} (best: {result.best})"
-    )
+    print(result.summary())
     if args.metrics:
-        write_json(args.metrics, metrics)
+        write_json(args.metrics, result.metrics())
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -98,31 +98,64 @@ def center_and_decoded_pipeline(split: Split, order: np.ndarray, pre: Preprocess
     return normalize(resize_center_crop(images, pre), pre), images
 
 
-@pipeline_def(enable_conditionals=False)
-def train_pipeline(split: Split, order: np.ndarray, pre: Preprocess, aug: Augment, gpu: bool, rows_per_batch: int):
-    """The recipe's fine-tune augmentation, random per sample (reproducible through the pipeline seed)."""
-    images = read_images(split, order, rows_per_batch, gpu)
+def _jitter(images, strength: float):
+    """ColorJitter: brightness, contrast and saturation factors in [1 - s, 1 + s] per image."""
+    if strength <= 0:
+        return images
+    jitter = (max(0.0, 1 - strength), 1 + strength)
+    return fn.color_twist(images, brightness=fn.random.uniform(range=jitter), contrast=fn.random.uniform(range=jitter),
+                          saturation=fn.random.uniform(range=jitter))
+
+
+def _mirror_normalize(images, pre: Preprocess, **crop):
+    """Horizontal flip half the time, `ToTensor()` + `Normalize(mean, std)` as float32 CHW (and `crop`)."""
+    return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[255 * m for m in pre.mean],
+                                    std=[255 * s for s in pre.std], dtype=types.FLOAT, output_layout="CHW", **crop)
+
+
+def recipe_graph(images, pre: Preprocess, aug: Augment):
+    """crop1 -> rotate -> jitter -> crop2 -> flip, normalize."""
     images = fn.random_resized_crop(images, size=(pre.resize, pre.resize), random_area=aug.first_scale)
     images = fn.rotate(images, angle=fn.random.uniform(range=(-aug.degrees, aug.degrees)), keep_size=True, fill_value=0)
-    if aug.jitter > 0:
-        jitter = (max(0.0, 1 - aug.jitter), 1 + aug.jitter)
-        images = fn.color_twist(
-            images,
-            brightness=fn.random.uniform(range=jitter),
-            contrast=fn.random.uniform(range=jitter),
-            saturation=fn.random.uniform(range=jitter),
-        )
-    images = fn.random_resized_crop(
-        images, size=(pre.image_size, pre.image_size), random_area=aug.scale, random_aspect_ratio=aug.ratio
-    )
-    return fn.crop_mirror_normalize(
-        images,
-        mirror=fn.random.coin_flip(),
-        mean=[255 * m for m in pre.mean],
-        std=[255 * s for s in pre.std],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )
+    images = fn.random_resized_crop(_jitter(images, aug.jitter), size=(pre.image_size, pre.image_size),
+                                    random_area=aug.scale, random_aspect_ratio=aug.ratio)
+    return _mirror_normalize(images, pre)
+
+
+def rrc_flip_graph(images, pre: Preprocess, aug: Augment):
+    """RandomResizedCrop(image_size, crop_scale, ratio) -> jitter -> flip, normalize."""
+    images = fn.random_resized_crop(images, size=(pre.image_size, pre.image_size), random_area=aug.crop_scale,
+                                    random_aspect_ratio=aug.ratio)
+    return _mirror_normalize(_jitter(images, aug.jitter), pre)
+
+
+def _reflect_pad(images, pad: int):
+    """HWC images (one size) reflect-padded by `pad` px on every side, from slices, flips and concatenations."""
+    if pad == 0:
+        return images
+    rows = fn.cat(fn.flip(images[1 : pad + 1], horizontal=0, vertical=1), images,
+                  fn.flip(images[-pad - 1 : -1], horizontal=0, vertical=1), axis=0)
+    return fn.cat(fn.flip(rows[:, 1 : pad + 1], horizontal=1), rows, fn.flip(rows[:, -pad - 1 : -1], horizontal=1), axis=1)
+
+
+def crop_flip_graph(images, pre: Preprocess, aug: Augment):
+    """The eval geometry (resize, center crop), reflect padding, a random crop at whole-pixel offsets,
+    jitter, flip, normalize: no resampling after the eval resize."""
+    images = resize_center_crop(images, pre)
+    pad = aug.pad_pixels(pre.image_size)
+    offsets = [k / max(2 * pad, 1) for k in range(2 * pad + 1)]  # crop_pos: anchor = pos * (padded - crop)
+    padded = _jitter(_reflect_pad(images, pad), aug.jitter)
+    return _mirror_normalize(padded, pre, crop=(pre.image_size, pre.image_size),
+                             crop_pos_x=fn.random.uniform(values=offsets), crop_pos_y=fn.random.uniform(values=offsets))
+
+
+TRAIN_GRAPHS = {"recipe": recipe_graph, "crop-flip": crop_flip_graph, "rrc-flip": rrc_flip_graph}
+
+
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(split: Split, order: np.ndarray, pre: Preprocess, aug: Augment, gpu: bool, rows_per_batch: int):
+    """The `aug.preset` augmentation, random per sample (reproducible through the pipeline seed)."""
+    return TRAIN_GRAPHS[aug.preset](read_images(split, order, rows_per_batch, gpu), pre, aug)
 
 
 def dali_device_id(device: torch.device) -> int | None:

@@ -1,10 +1,14 @@
 """`fastfeat finetune`: augmented batches through the whole network with mixed precision.
 
 Unlike the original recipe (whose optimizer held only `fc`), the backbone really is updated:
-backbone parameters at lr x backbone_lr_scale, the head at lr.
+backbone parameters at lr x backbone_lr_scale, the head at lr. Epochs are validated on a class-stratified
+share of train held out with the seed; the test split is evaluated once, at the end, with the last and
+the best (by validation) model.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,45 +16,64 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError, check_number
+from .evaluation import classification_report
 from .loaders import eval_batches, resolve_loader, train_batches
 from .model_files import checkpoint_spec, load_head, read_checkpoint, save_checkpoint
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import epoch_line, progress
 from .runtime import amp_dtype, autocast, precision_name, resolve_device
-from .sources import Split, open_dataset
+from .sources import Split, open_dataset, stratified_holdout
 from .spec import FeatureSpec
-from .transforms import Augment, Preprocess
+from .transforms import AUGMENT_PRESETS, Augment
 
 SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass
 class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
-    batch_size: int = option(64, "images per batch (per rank under torchrun)", group="device and precision")
+    batch_size: int = option(256, "images per batch (per rank under torchrun)", group="device and precision")
+    augment: str = option("crop-flip", "augmentation preset: the original recipe's (RandomResizedCrop 256 + "
+                                       "rotation + RandomResizedCrop + flip), crop-flip (random crop of the reflect-"
+                                       "padded image + flip, no resampling) or rrc-flip (RandomResizedCrop + flip)",
+                          choices=AUGMENT_PRESETS, group="training")
+    pad: float = option(4.0, "crop-flip: padding in px at 32 px, scaled with --image-size (28 px at 224)",
+                        group="training")
+    crop_scale: tuple[float, ...] = option((0.25, 1.0), "rrc-flip: LOW,HIGH share of the image area a crop covers",
+                                           group="training")
     jitter: float = option(0.0, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
     epochs: int = option(5, "passes over the train split", group="training")
-    lr: float = option(0.01, "the head's learning rate", group="training")
-    backbone_lr_scale: float = option(0.1, "backbone lr = lr x this", group="training")
+    lr: float = option(0.05, "the head's learning rate", group="training")
+    backbone_lr_scale: float = option(1.0, "backbone lr = lr x this", group="training")
     optimizer: str = option("sgd", "nesterov SGD or AdamW", choices=("sgd", "adamw"), group="training")
     schedule: str = option("cosine", "per-step decay after the warm-up", choices=SCHEDULES, group="training")
-    warmup_epochs: float = option(0.5, "linear lr warm-up", group="training")
+    warmup_epochs: float = option(1.0, "linear lr warm-up (with --init-head: head-only epochs, then the backbone's ramp)",
+                                  group="training")
     weight_decay: float = option(5e-4, "L2 weight decay", group="training")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="training")
     freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
                                  "backbone (0.5), or module names; `--freeze help` lists an arch's", group="training")
-    init_head: str | None = option(None, "start from a head made by train-head on the same features", group="training")
+    init_head: str | None = option(None, "start from a head made by train-head on the same features (the warm-up "
+                                         "is then head-only: the backbone holds still, then its lr ramps up)",
+                                   group="training")
+    val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
+                                      "epoch and choose best.pt; test is evaluated once, at the end, with last and best. "
+                                      "0: validate on test every epoch (the recipe's protocol)", group="training")
     checkpoint_dir: str = option("data/finetune", "where last.pt and best.pt go", group="training")
     resume: bool = option(False, "continue from CHECKPOINT_DIR/last.pt", group="training")
 
 
 @dataclass
 class FinetuneResult:
+    """The checkpoints, the per-epoch history (validation), what was validated on, the last epoch's
+    validation report, and the test split's reports for the last model and best.pt, evaluated once."""
+
     checkpoint: Path
     best: Path
     history: list[dict] = field(default_factory=list)
@@ -58,6 +81,10 @@ class FinetuneResult:
     device: str = ""
     precision: str = ""
     ranks: int = 1
+    validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
+    val: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    best_test: dict = field(default_factory=dict)
 
     @property
     def best_valid_acc(self) -> float:
@@ -71,6 +98,10 @@ class FinetuneResult:
             "epochs": self.history,
             "best_valid_acc": self.best_valid_acc,
             "final_valid_acc": self.history[-1]["valid_acc"] if self.history else None,
+            "validation": self.validation,
+            "val": self.val,
+            "test": self.test,
+            "best_test": self.best_test,
             "train_images_per_second": round(images / max(sum(h["train_seconds"] for h in self.history), 1e-9), 2),
             "seconds": round(seconds, 3),
             "checkpoint": str(self.checkpoint),
@@ -80,6 +111,14 @@ class FinetuneResult:
             "precision": self.precision,
             "ranks": self.ranks,
         }
+
+    def summary(self) -> str:
+        """The command's closing line."""
+        validated = ("on a holdout of train" if self.validation == "holdout"
+                     else "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
+        return (f"fine-tuned {len(self.history)} epochs: best valid acc {self.best_valid_acc:.4f} ({validated}); "
+                f"test acc {self.test['top1']:.4f} last, {self.best_test['top1']:.4f} best, evaluated once; "
+                f"{self.metrics()['train_images_per_second']:.1f} train img/s -> {self.checkpoint} (best: {self.best})")
 
 
 def check_options(opts: FinetuneOptions) -> None:
@@ -91,7 +130,14 @@ def check_options(opts: FinetuneOptions) -> None:
                         ("--warmup-epochs", opts.warmup_epochs), ("--jitter", opts.jitter)):
         check_number(flag, value)
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
+    check_number("--val-fraction", opts.val_fraction, high=1.0)
+    augmentation(opts)
     opts.preprocess()  # refuses an unknown arch and sizes no crop could have, before any data is read
+
+
+def augmentation(opts: FinetuneOptions) -> Augment:
+    """The `--augment` preset with its parameters (refuses unknown presets and unusable values)."""
+    return Augment(preset=opts.augment, jitter=opts.jitter, pad=opts.pad, crop_scale=tuple(opts.crop_scale))
 
 
 def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Module, FeatureSpec, str]:
@@ -121,21 +167,34 @@ def make_optimizer(model: nn.Module, head_path: str, opts: FinetuneOptions) -> t
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, opts: FinetuneOptions, steps_per_epoch: int):
-    """Per-step LambdaLR: linear warm-up, then cosine decay, a x0.1 step every third of the run, or flat."""
-    total, warmup = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
+    """Per-step LambdaLR (backbone group, head group): linear warm-up, then cosine decay, a x0.1 step every
+    third of the run, or flat. From `--init-head` (a trained head) the warm-up is head-only instead: the
+    backbone holds still (lr 0; `Trainer.train_mode` keeps it in eval mode) while the head adapts to the
+    augmented batches at full lr, then the backbone's lr ramps up over as many steps again."""
+    total, warmup = opts.epochs * steps_per_epoch, warmup_steps(opts, steps_per_epoch)
     if opts.schedule not in SCHEDULES:
         raise InputError(f"unknown --schedule {opts.schedule!r}: choose {', '.join(SCHEDULES)}")
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+    def factor(step: int, hold: int = 0, warmup: int = warmup) -> float:
+        if step < hold:
+            return 0.0
+        if step < hold + warmup:
+            return (step - hold + 1) / warmup
         if opts.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * (step - hold - warmup) / max(1, total - hold - warmup)))
         if opts.schedule == "step":
             return 0.1 ** (3 * step // max(1, total))
         return 1.0
 
+    if opts.init_head:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [functools.partial(factor, hold=warmup),
+                                                             functools.partial(factor, warmup=0)])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_steps(opts: FinetuneOptions, steps_per_epoch: int) -> int:
+    """The warm-up's steps (with --init-head: the head-only steps)."""
+    return int(opts.warmup_epochs * steps_per_epoch)
 
 
 def epoch_order(n: int, seed: int, epoch: int, batch_size: int, world: World = World()) -> np.ndarray:
@@ -171,17 +230,24 @@ class Trainer:
         self.forward = torch.compile(wrapped) if opts.compile else wrapped
         self.optimizer = make_optimizer(self.model, self.head_path, opts)
         self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
+        self.head_only = warmup_steps(opts, steps_per_epoch) if opts.init_head else 0  # the first steps
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
         self.classes, self.epoch, self.history = classes, 0, []
 
     def train_mode(self) -> None:
-        """BatchNorm trains in unfrozen layers only; frozen layers keep their running statistics."""
+        """BatchNorm trains in unfrozen layers only; frozen layers keep their running statistics; during a
+        head-only warm-up the whole backbone does (the head sees the very features it was fit on)."""
+        if self.schedule.last_epoch < self.head_only:
+            self.model.eval()
+            return
         self.model.train()
         for module in self.frozen:
             module.eval()
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.head_only and self.schedule.last_epoch == self.head_only:  # the head-only warm-up ends: the backbone joins
+            self.train_mode()
         images = images.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.dtype):
             logits = self.forward(images)
@@ -198,21 +264,21 @@ class Trainer:
         return bool(torch.stack([t.isfinite().all() for t in self.model.state_dict().values() if t.is_floating_point()]).all())
 
     @torch.no_grad()
-    def evaluate(self, batches, labels: torch.Tensor) -> tuple[float, float]:
-        """Mean loss and accuracy over `batches` (this rank's rows), summed over all ranks."""
-        self.model.eval()
-        loss_sum = correct = 0.0
-        row = 0
-        criterion = nn.CrossEntropyLoss(reduction="sum")
-        for images in batches:
-            target = labels[row : row + len(images)]
-            with autocast(self.device, self.dtype):
-                logits = self.forward(images.contiguous(memory_format=self.memory_format)).float()
-            loss_sum += criterion(logits, target).item()
-            correct += (logits.argmax(1) == target).sum().item()
+    def logits(self, models: list, split: Split, loader: str) -> list[torch.Tensor]:
+        """Every row's float32 logits of `split` under each of `models`, from one pass over its images: under
+        torchrun each rank runs its shard and the shards are summed into place on every rank."""
+        start, stop = shard_range(len(split), self.world)
+        out = torch.zeros(len(models), len(split), len(self.classes), device=self.device)
+        row = start
+        for model in models:
+            model.eval()
+        for images in eval_batches(split.rows(start, stop), loader, self.spec.pre, self.opts.batch_size, self.device):
+            images = images.contiguous(memory_format=self.memory_format)
+            for i, model in enumerate(models):
+                with autocast(self.device, self.dtype):
+                    out[i, row : row + len(images)] = model(images).float()
             row += len(images)
-        loss_sum, correct, row = all_reduce_sum(torch.tensor([loss_sum, correct, row], dtype=torch.float64), self.world).tolist()
-        return loss_sum / max(row, 1), correct / max(row, 1)
+        return list(all_reduce_sum(out, self.world))
 
     def state(self) -> dict:
         return {
@@ -248,7 +314,8 @@ def _resume(trainer: Trainer, last: Path) -> None:
 
 
 def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
-    """Fine-tune the whole network (minus `--freeze`d stages) on the train split, validating each epoch.
+    """Fine-tune the whole network (minus `--freeze`d stages) on train less a validation holdout, validating
+    each epoch; then evaluate the test split once with the last model and best.pt.
 
     Under torchrun: DistributedDataParallel, each rank on a disjoint share of every epoch's shuffle;
     losses and accuracies are summed over ranks; only rank 0 logs and writes checkpoints.
@@ -258,11 +325,10 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download, opts.seed)
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
-    aug = Augment(jitter=opts.jitter)
-    train, test = dataset.splits["train"], dataset.splits["test"].rows(*shard_range(len(dataset.splits["test"]), world))
+    aug = augmentation(opts)
+    train, val, test = validation_split(dataset.splits["train"], dataset.splits["test"], opts.val_fraction, opts.seed)
     steps = max(1, -(-len(epoch_order(len(train), 0, 0, opts.batch_size, world)) // opts.batch_size))
     trainer = Trainer(opts, list(dataset.classes), steps, world, device)
-    pre = trainer.spec.pre
     last, best = Path(opts.checkpoint_dir) / "last.pt", Path(opts.checkpoint_dir) / "best.pt"
     if last.exists() and not opts.resume:
         raise InputError(f"{last} exists: pass --resume to continue that run, or choose another --checkpoint-dir")
@@ -270,11 +336,14 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
         _resume(trainer, last)
     elif opts.resume and world.is_main:
         log(f"fastfeat finetune: no checkpoint at {last} to resume: starting a new run")
-    test_labels = torch.from_numpy(test.labels).to(device)
+    val_labels = torch.from_numpy(val.labels).to(device)
+    val_logits = None
     while trainer.epoch < opts.epochs:
         start = time.perf_counter()
-        train_loss, train_acc, images, train_seconds = train_epoch(trainer, train, loader, pre, aug)
-        valid_loss, valid_acc = trainer.evaluate(eval_batches(test, loader, pre, opts.batch_size, device), test_labels)
+        train_loss, train_acc, images, train_seconds = train_epoch(trainer, train, loader, aug)
+        (val_logits,) = trainer.logits([trainer.forward], val, loader)
+        valid_loss = F.cross_entropy(val_logits, val_labels).item()
+        valid_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
         seconds = time.perf_counter() - start
         if not (math.isfinite(valid_loss) and trainer.weights_finite()):
             raise FastfeatError(f"training diverged in epoch {trainer.epoch} (valid loss {valid_loss}); nothing was saved "
@@ -294,16 +363,52 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
             if is_best:
                 save_checkpoint(state, best)
         barrier(world)
-    return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size)
+    if val_logits is None:  # a resumed run that had nothing left to train
+        (val_logits,) = trainer.logits([trainer.forward], val, loader)
+    last_test, best_test = _test_once(trainer, test, loader, best)
+    return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size,
+                          "holdout" if opts.val_fraction > 0 else "test",
+                          report(val_logits, val_labels), last_test, best_test)
 
 
-def train_epoch(trainer: Trainer, train: Split, loader: str, pre: Preprocess, aug: Augment) -> tuple[float, float, int, float]:
+def validation_split(train: Split, test: Split, fraction: float, seed: int) -> tuple[Split, Split, Split]:
+    """(train, val, test): a class-stratified, seeded `fraction` of train held out to validate on; with
+    fraction 0, all of train to fit and the test split to validate on (the recipe's protocol)."""
+    if fraction == 0:
+        return train, test, test
+    kept, held = stratified_holdout(train.labels, fraction, seed)
+    if len(held) == 0:
+        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train)}: raise it, or pass 0")
+    return train.take(kept), train.take(held), test
+
+
+def report(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Loss, top-1 (and top-5), mean per-class and per-class accuracy, and the confusion matrix."""
+    return {"loss": F.cross_entropy(logits, labels).item(), **classification_report(logits.cpu(), labels.cpu())}
+
+
+def _test_once(trainer: Trainer, test: Split, loader: str, best: Path) -> tuple[dict, dict]:
+    """The test split's reports for the last model and for best.pt, from one pass over the test images
+    (one model when the last epoch is the best)."""
+    accs = [h["valid_acc"] for h in trainer.history]
+    models = [trainer.forward]
+    if accs.index(max(accs)) != len(accs) - 1:
+        best_model = copy.deepcopy(trainer.model)
+        best_model.load_state_dict(read_checkpoint(best)["model"])
+        models.append(best_model)
+    logits = trainer.logits(models, test, loader)
+    labels = torch.from_numpy(test.labels).to(trainer.device)
+    reports = [report(scores, labels) for scores in logits]
+    return reports[0], reports[-1]
+
+
+def train_epoch(trainer: Trainer, train: Split, loader: str, aug: Augment) -> tuple[float, float, int, float]:
     """One pass over this rank's share of the epoch's shuffle; loss, accuracy and images summed over ranks."""
     opts, world, device = trainer.opts, trainer.world, trainer.device
     order = epoch_order(len(train), opts.seed, trainer.epoch, opts.batch_size, world)
     labels = torch.from_numpy(train.labels[order]).to(device)
     seed = int(np.random.SeedSequence([opts.seed, trainer.epoch, world.rank]).generate_state(1)[0])
-    batches = train_batches(train, loader, pre, aug, opts.batch_size, device, order, seed)
+    batches = train_batches(train, loader, trainer.spec.pre, aug, opts.batch_size, device, order, seed)
     trainer.train_mode()
     totals = torch.zeros(2, device=device)  # loss sum, correct
     row, start = 0, time.perf_counter()

@@ -118,17 +118,43 @@ def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tens
     return torch.cat([transform(img[None]) for img in images])
 
 
+AUGMENT_PRESETS = ("recipe", "crop-flip", "rrc-flip")
+
+
 @dataclass(frozen=True)
 class Augment:
-    """The recipe's fine-tune augmentation: RandomResizedCrop(resize, scale=first_scale),
-    RandomRotation(degrees), ColorJitter(jitter) (the recipe's `ColorJitter()` is jitter=0: no change),
-    RandomResizedCrop(image_size), RandomHorizontalFlip, normalize."""
+    """A fine-tune augmentation preset and its parameters (each preset reads only its own):
 
+    - `recipe`, the original article's: RandomResizedCrop(resize, scale=first_scale), RandomRotation(degrees),
+      ColorJitter(jitter) (its `ColorJitter()` is jitter=0: no change), RandomResizedCrop(image_size, scale),
+      RandomHorizontalFlip;
+    - `crop-flip`, the standard CIFAR one: the eval geometry (resize, center crop), a random image_size crop of
+      it reflect-padded by `pad` px per 32 px of image size (4 px at 32 px, 28 px at 224), horizontal flip;
+    - `rrc-flip`, the standard ImageNet one: RandomResizedCrop(image_size, crop_scale, ratio), horizontal flip.
+
+    `jitter` (brightness, contrast, saturation in 1 +- jitter) applies to every preset; then normalize."""
+
+    preset: str = "recipe"
     first_scale: tuple[float, float] = (0.8, 1.0)
     degrees: float = 15.0
     jitter: float = 0.0
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: float = 4.0
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.preset not in AUGMENT_PRESETS:
+            raise InputError(f"unknown --augment {self.preset!r}: choose {', '.join(AUGMENT_PRESETS)}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise InputError(f"--crop-scale must be two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1, got "
+                             f"{','.join(f'{v:g}' for v in self.crop_scale)}")
+        if not 0 <= self.pad < 32:
+            raise InputError(f"--pad must be at least 0 and below 32 (px at 32 px), got {self.pad:g}")
+
+    def pad_pixels(self, size: int) -> int:
+        """`pad` scaled from 32 px to `size`, short of the size itself (reflection needs a row to mirror)."""
+        return min(round(self.pad * size / 32), size - 1)
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
@@ -158,16 +184,25 @@ def _box_affine(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
-    """uint8 NCHW (one size) -> augmented, normalized float NCHW, all samples in one `grid_sample`.
+    """uint8 NCHW (one size) -> augmented (`aug.preset`), normalized float NCHW, the whole batch at once."""
+    out = PRESETS[aug.preset](images, pre, aug, g)
+    return normalize(color_jitter(out, aug.jitter, g), pre.mean, pre.std)
 
-    The chain crop1 -> rotate -> crop2 -> flip is composed into one sampling grid per image;
-    points that the rotation brings in from outside crop1's frame are black, as in torchvision.
-    """
+
+def _flips(n: int, g: torch.Generator) -> torch.Tensor:
+    """True for the images to mirror: each with probability 1/2."""
+    return torch.rand(n, generator=g, device=g.device) < 0.5
+
+
+def recipe_geometry(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
+    """The recipe's chain crop1 -> rotate -> crop2 -> flip, composed into one sampling grid per image and
+    sampled in one `grid_sample`; points that the rotation brings in from outside crop1's frame are black,
+    as in torchvision. [0, 1] floats."""
     n, size = images.shape[0], pre.image_size
     first = random_boxes(n, aug.first_scale, (3 / 4, 4 / 3), g)
     second = random_boxes(n, aug.scale, aug.ratio, g)
     angle = torch.deg2rad(_uniform(n, -aug.degrees, aug.degrees, g))
-    flip = torch.where(torch.rand(n, generator=g, device=g.device) < 0.5, -1.0, 1.0)
+    flip = torch.where(_flips(n, g), -1.0, 1.0)
     scale2, shift2 = _box_affine(second)
     cos, sin = torch.cos(angle), torch.sin(angle)
     # output (u, v) -> frame after rotation: b = shift2 + scale2 * (flip * u, v) -> before rotation: a = R b
@@ -180,7 +215,44 @@ def augment(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Genera
     scale1, shift1 = _box_affine(first)
     grid = a * scale1[:, None, None, :] + shift1[:, None, None, :]
     out = torch.nn.functional.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return normalize(color_jitter(out * inside, aug.jitter, g), pre.mean, pre.std)
+    return out * inside
+
+
+def rrc_flip(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(image_size, crop_scale, ratio) + horizontal flip, in one bilinear `grid_sample`."""
+    n, size = images.shape[0], pre.image_size
+    boxes = random_boxes(n, aug.crop_scale, aug.ratio, g)
+    scale, shift = _box_affine(boxes)
+    flip = torch.where(_flips(n, g), -1.0, 1.0)
+    zero = torch.zeros_like(flip)
+    theta = torch.stack([torch.stack([scale[:, 0] * flip, zero, shift[:, 0]], 1),
+                         torch.stack([zero, scale[:, 1], shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
+def reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of a reflect-padded axis (-1 -> 1, size -> size - 2) mapped back into 0..size-1."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()
+
+
+def crop_flip(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
+    """The eval geometry, then a random image_size crop of its reflect padding + horizontal flip, as ONE
+    gather of precomputed pixel indices (padding, crop and flip folded in): no resampling. [0, 1] floats."""
+    fitted = TF.center_crop(TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation),
+                                      antialias=True), [pre.image_size, pre.image_size])
+    n, c, size, _ = fitted.shape
+    pad = aug.pad_pixels(size)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=g.device) - pad for _ in range(2))
+    steps = torch.arange(size, device=images.device)
+    cols = torch.where(_flips(n, g)[:, None], size - 1 - steps, steps)  # the flip reverses the crop's columns
+    ys, xs = reflect(dy + steps, size), reflect(dx + cols, size)
+    index = (ys[:, :, None] * size + xs[:, None, :]).view(n, 1, size * size).expand(n, c, size * size)
+    return fitted.flatten(2).gather(2, index).view(n, c, size, size).float() / 255
+
+
+PRESETS = {"recipe": recipe_geometry, "crop-flip": crop_flip, "rrc-flip": rrc_flip}
 
 
 def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:

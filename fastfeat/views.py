@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .transforms import Augment, Preprocess, augment, per_size
+from .transforms import AUGMENT_PRESETS, Augment, Preprocess, augment, per_size
 
 FLIP = "flip"
 TTA_CHOICES = (FLIP,)
-VIEW_AUGMENTS = ("recipe",)  # the augmentation presets a view can be drawn with
+VIEW_AUGMENTS = AUGMENT_PRESETS  # the augmentation presets a view can be drawn with
 VIEW_POLICIES = ("sample", "center-only")
 AUGMENTED_SPLIT = "train"  # augmented views are for training: only this split gets them
 
@@ -31,7 +31,7 @@ def view_augment(name: str) -> Augment:
     """The `Augment` a `--view-augment` name stands for: the one place names become augmentations."""
     if name not in VIEW_AUGMENTS:
         raise InputError(f"unknown --view-augment {name!r}: choose {', '.join(VIEW_AUGMENTS)}")
-    return Augment()
+    return Augment(preset=name)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ViewPlan:
 
     flip: bool = False
     views: int = 0
-    augment: str = VIEW_AUGMENTS[0]
+    augment: str = "crop-flip"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -560,7 +560,7 @@ def test_help_shows_the_defaults(capsys, monkeypatch):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: None)" not in text
         if command == "finetune":
-            assert "--lr LR the head's learning rate (default: 0.01)" in text
+            assert "--lr LR the head's learning rate (default: 0.05)" in text
             assert "--epochs EPOCHS passes over the train split (default: 5)" in text
             assert "--freeze FREEZE what stays frozen" in text and "(default: none)" in text
         else:

@@ -93,7 +93,10 @@ def test_two_rank_finetune_checkpoints_and_resumes_with_any_rank_count(learnable
     assert first.stdout.count("Epoch 0.") == 1  # rank 0 prints, once
     state = read_checkpoint(ckpt / "last.pt")
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
-    assert json.loads(metrics.read_text())["epochs"][0]["train_images"] == 160
+    m = json.loads(metrics.read_text())
+    assert m["epochs"][0]["train_images"] == 144 and m["validation"] == "holdout"  # 160 rows less the 10 % holdout
+    assert m["test"]["top1"] == m["best_test"]["top1"]  # one epoch: last is best, test summed over both ranks
+    assert np.array(m["test"]["confusion"]).sum() == 40
 
     again = torchrun(*common, "--epochs", "2", "--resume")
     assert again.returncode == 0, again.stderr

@@ -1,6 +1,7 @@
 """fastfeat finetune and predict: augmented streams, real backbone updates, AMP, exact resume."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from fastfeat.transforms import Augment, Preprocess
 
 LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 PRE = Preprocess(resize=73, image_size=64)
+TINY = {"image_size": 32, "resize": 32}  # the learnable set's own size: 4x fewer pixels than PRE
 
 
 def options(data, tmp_path, **kw) -> FinetuneOptions:
@@ -60,7 +62,8 @@ def test_backbone_really_changes_and_frozen_stages_do_not(learnable, tmp_path):
 
 def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp_path):
     lines = []
-    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02), log=lines.append)
+    # backbone x0.1: a random network learns this set at a tenth of the head's lr, not at the default x1
+    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02, backbone_lr_scale=0.1), log=lines.append)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert result.history[-1]["valid_acc"] >= 0.9
@@ -198,3 +201,109 @@ def test_compiled_training_step_matches_eager(learnable, tmp_path):
         compiled_delta = compiled.model.state_dict()[key] - before[key]
         assert eager_delta.norm() > 0, key
         assert (compiled_delta - eager_delta).norm() < 1e-2 * eager_delta.norm(), key
+
+
+def recording(monkeypatch, name: str) -> list:
+    """Record the split of every call of fastfeat.finetune.`name` (train_batches or eval_batches)."""
+    module = importlib.import_module("fastfeat.finetune")  # the package exports a function of that name
+    calls, real = [], getattr(module, name)
+
+    def record(split, *args, **kwargs):
+        calls.append(split)
+        return real(split, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, record)
+    return calls
+
+
+def image_keys(split: Split) -> set[bytes]:
+    return {image.tobytes() for image in split.images}
+
+
+def test_validation_is_a_stratified_holdout_of_train_and_test_is_evaluated_once(learnable, tmp_path, monkeypatch):
+    trained, evaluated, lines = recording(monkeypatch, "train_batches"), recording(monkeypatch, "eval_batches"), []
+    result = finetune(options(learnable, tmp_path, epochs=2, val_fraction=0.25, **TINY), log=lines.append)
+    full = open_dataset(learnable, splits=("train", "test")).splits
+    val = evaluated[0]
+    assert image_keys(evaluated[1]) == image_keys(val) and len(trained) == 2
+    assert not image_keys(trained[0]) & image_keys(val)  # disjoint, and together all of train
+    assert image_keys(trained[0]) | image_keys(val) == image_keys(full["train"])
+    counts = np.bincount(full["train"].labels)
+    assert np.array_equal(np.bincount(val.labels), np.round(0.25 * counts).astype(int))  # stratified
+    assert [split.name for split in evaluated] == ["train", "train", "test"]  # epochs on the holdout, test once
+    assert len(evaluated[2]) == len(full["test"]) and len(lines) == 2
+    assert result.validation == "holdout" and result.val["top1"] == result.history[-1]["valid_acc"]
+    again = recording(monkeypatch, "train_batches")  # the holdout is a function of the seed
+    finetune(options(learnable, tmp_path / "again", epochs=1, val_fraction=0.25, **TINY), log=lambda line: None)
+    assert image_keys(again[0]) == image_keys(trained[0])
+
+
+def test_val_fraction_0_validates_on_test_every_epoch_and_says_so(learnable, tmp_path, monkeypatch):
+    evaluated = recording(monkeypatch, "eval_batches")
+    result = finetune(options(learnable, tmp_path, epochs=2, val_fraction=0.0, **TINY), log=lambda line: None)
+    assert [split.name for split in evaluated] == ["test"] * 3
+    assert result.validation == "test" and result.metrics()["validation"] == "test"
+    assert "the recipe's protocol" in result.summary()
+    assert result.history[-1]["valid_acc"] == result.test["top1"]
+
+
+def test_metrics_report_the_last_model_and_best_pt_on_test(learnable, tmp_path):
+    metrics = tmp_path / "m.json"
+    assert main(["finetune", "--data", str(learnable), "--image-size", "32", "--resize", "32", "--weights", "none",
+                 "--device", "cpu", "--loader", "torch", "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
+                 "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics", str(metrics)]) == 0
+    m = json.loads(metrics.read_text())
+    assert m["validation"] == "holdout"
+    for key in ("test", "best_test", "val"):
+        assert {"loss", "top1", "mean_per_class", "per_class", "confusion"} <= set(m[key]), key
+        assert "top5" not in m[key] and np.array(m[key]["confusion"]).sum() == (40 if key != "val" else 16)
+    for key, checkpoint in (("test", "last.pt"), ("best_test", "best.pt")):  # each model evaluated on its own
+        accuracy, n = Predictor(load_classifier(tmp_path / "ckpt" / checkpoint), "cpu").accuracy(str(learnable), loader="torch")
+        assert n == 40 and m[key]["top1"] == pytest.approx(accuracy, abs=1.5 / 40), key
+    best_epoch = int(np.argmax([h["valid_acc"] for h in m["epochs"]]))
+    assert read_checkpoint(tmp_path / "ckpt" / "best.pt")["epoch"] == best_epoch + 1
+
+
+def calibrated_weights(weights_file, split: Split, out) -> str:
+    """The random resnet18 of `weights_file` with BatchNorm statistics measured on `split` (what a pretrained
+    network has: statistics that fit its images), as a weights file."""
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(weights_file, weights_only=True))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for images in eval_batches(split, "torch", Preprocess(32, 32), 100, torch.device("cpu")):
+            model(images)
+    torch.save(model.state_dict(), out)
+    return str(out)
+
+
+def test_init_head_epoch_0_is_not_worse_than_the_probe(sample, weights_file, tmp_path):
+    """Fine-tuning from a probe head: after epoch 0, the validation rows are classified at least as well as
+    the probe itself classifies the same rows (from the cache of the same backbone and preprocessing)."""
+    from fastfeat.cache_file import read_cache
+    from fastfeat.model_files import load_head
+    from fastfeat.sources import stratified_holdout
+
+    train = open_dataset(sample, "cifar10", ("train",), limit=400).splits["train"]
+    weights = calibrated_weights(weights_file, train, tmp_path / "calibrated.pt")
+    common = ["--data", str(sample), "--dataset", "cifar10", "--weights", weights, "--device", "cpu",
+              "--loader", "torch", "--image-size", "32", "--resize", "32", "--limit", "400", "--no-progress"]
+    cache, head_file = tmp_path / "c.h5", tmp_path / "probe.pt"
+    assert main(["cache", *common, "--out", str(cache)]) == 0
+    assert main(["train-head", "--cache", str(cache), "--out", str(head_file), "--device", "cpu"]) == 0
+    features = read_cache(cache, ("train",)).features["train"]
+    _, held = stratified_holdout(train.labels, 0.25, 0)
+    head = load_head(head_file)[0]
+    with torch.no_grad():
+        probe = (head(torch.from_numpy(features[held])).argmax(1).numpy() == train.labels[held]).mean()
+    # lr 0.01: this random network (BatchNorm statistics aside) is far more fragile than a pretrained one
+    result = finetune(options(sample, tmp_path, dataset="cifar10", limit=400, weights=weights, init_head=str(head_file),
+                              val_fraction=0.25, lr=0.01, **TINY), log=lambda line: None)
+    assert 0.3 < probe < 0.9  # a probe that can be matched, and bettered
+    assert result.history[0]["valid_acc"] >= probe, (result.history[0]["valid_acc"], probe)
