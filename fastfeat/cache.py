@@ -38,7 +38,8 @@ class CacheOptions(RunOptions, BackboneOptions, DataOptions):
                              choices=TTA_CHOICES, group="views")
     views: int = option(0, "N augmented views per train image from the same decode (each one more backbone "
                            "pass over train)", group="views")
-    view_augment: str = option(ViewPlan.augment, "the augmentation of --views (the presets of fastfeat finetune --augment)", choices=VIEW_AUGMENTS, group="views")
+    view_augment: str = option(ViewPlan.augment, "the augmentation of --views (fastfeat finetune's --augment presets)",
+                               choices=VIEW_AUGMENTS, group="views")
     view_seed: int = option(0, "the random draws of --views (per batch: reproducible with the same --batch-size)",
                             group="views")
 
