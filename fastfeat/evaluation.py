@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .plots import plot_run
 from .reporting import atomic_write
 
 TOP5_MIN_CLASSES = 6  # top-5 says something only when there are more than five classes
@@ -43,3 +44,17 @@ def write_predictions(path: str | Path, probabilities: torch.Tensor, labels: tor
     for row, (label, guess, p) in enumerate(zip(labels.tolist(), predicted.tolist(), confidence.tolist())):
         writer.writerow([row, files[row] if files else "", classes[label], classes[guess], f"{p:.6f}"])
     atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+
+
+VALIDATION_NAMES = {"holdout": "validation", "val": "val split", "test": "test (every epoch)"}
+
+
+def write_reports(predictions: str | None, plot: str | None, probabilities: torch.Tensor, labels: torch.Tensor,
+                  classes: list[str], files: list[str] | None, history: list[dict], test: dict, validation: str,
+                  sweep: dict | None = None) -> None:
+    """A finished run's `--predictions` CSV (the test rows' `probabilities`) and `--plot` PNGs (learning
+    curves of `history`, validated on `validation`; the test confusion matrix; a --sweep grid)."""
+    if predictions:
+        write_predictions(predictions, probabilities, labels, classes, files)
+    if plot:
+        plot_run(plot, classes, history, test, sweep, VALIDATION_NAMES[validation])

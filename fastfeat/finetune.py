@@ -23,10 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from .backbone import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError, check_number
-from .evaluation import classification_report
+from .evaluation import classification_report, write_reports
 from .loaders import eval_batches, resolve_loader, train_batches
 from .model_files import checkpoint_spec, load_head, read_checkpoint, save_checkpoint
 from .options import BackboneOptions, DataOptions, RunOptions, option
+from .plots import require_matplotlib
 from .reporting import epoch_line, progress
 from .runtime import amp_dtype, autocast, precision_name, resolve_device
 from .sources import Split, open_dataset, stratified_holdout
@@ -66,6 +67,10 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
                                       "epoch and choose best.pt; test is evaluated once, at the end, with last and best. "
                                       "0: validate on test every epoch (the recipe's protocol)", group="training")
     checkpoint_dir: str = option("data/finetune", "where last.pt and best.pt go", group="training")
+    predictions: str | None = option(None, "a CSV of every test image as the last model classifies it: row, file "
+                                           "(folders), true and predicted class, probability", group="output")
+    plot: str | None = option(None, "write learning_curves.png and confusion.png (test, last model) into this folder "
+                                    "(needs the plot extra: matplotlib)", group="output")
     resume: bool = option(False, "continue from CHECKPOINT_DIR/last.pt", group="training")
 
 
@@ -81,7 +86,7 @@ class FinetuneResult:
     device: str = ""
     precision: str = ""
     ranks: int = 1
-    validation: str = "holdout"  # "holdout": rows held out of train; "test": the recipe's protocol
+    validation: str = "holdout"  # "holdout": rows held out of train; "val": the dataset's; "test": the recipe's
     val: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     best_test: dict = field(default_factory=dict)
@@ -114,8 +119,8 @@ class FinetuneResult:
 
     def summary(self) -> str:
         """The command's closing line."""
-        validated = ("on a holdout of train" if self.validation == "holdout"
-                     else "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
+        validated = {"holdout": "on a holdout of train", "val": "on the dataset's val split"}.get(
+            self.validation, "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
         return (f"fine-tuned {len(self.history)} epochs: best valid acc {self.best_valid_acc:.4f} ({validated}); "
                 f"test acc {self.test['top1']:.4f} last, {self.best_test['top1']:.4f} best, evaluated once; "
                 f"{self.metrics()['train_images_per_second']:.1f} train img/s -> {self.checkpoint} (best: {self.best})")
@@ -132,6 +137,8 @@ def check_options(opts: FinetuneOptions) -> None:
     check_number("--label-smoothing", opts.label_smoothing, high=1.0)
     check_number("--val-fraction", opts.val_fraction, high=1.0)
     augmentation(opts)
+    if opts.plot:
+        require_matplotlib()
     opts.preprocess()  # refuses an unknown arch and sizes no crop could have, before any data is read
 
 
@@ -322,11 +329,13 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     """
     check_options(opts)
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, ("train", "test"), opts.limit, opts.download, opts.seed)
+    dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed)
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
     aug = augmentation(opts)
-    train, val, test = validation_split(dataset.splits["train"], dataset.splits["test"], opts.val_fraction, opts.seed)
+    train, val, test = validation_split(dataset.splits["train"], dataset.splits["test"], opts.val_fraction, opts.seed,
+                                        dataset.splits.get("val"))
+    validation = "val" if "val" in dataset.splits else "holdout" if opts.val_fraction > 0 else "test"
     steps = max(1, -(-len(epoch_order(len(train), 0, 0, opts.batch_size, world)) // opts.batch_size))
     trainer = Trainer(opts, list(dataset.classes), steps, world, device)
     last, best = Path(opts.checkpoint_dir) / "last.pt", Path(opts.checkpoint_dir) / "best.pt"
@@ -365,15 +374,23 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
         barrier(world)
     if val_logits is None:  # a resumed run that had nothing left to train
         (val_logits,) = trainer.logits([trainer.forward], val, loader)
-    last_test, best_test = _test_once(trainer, test, loader, best)
-    return FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size,
-                          "holdout" if opts.val_fraction > 0 else "test",
-                          report(val_logits, val_labels), last_test, best_test)
+    test_logits, last_test, best_test = _test_once(trainer, test, loader, best)
+    result = FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size,
+                            validation, report(val_logits, val_labels), last_test, best_test)
+    if world.is_main:
+        files = None if test.files is None else [str(Path(f).relative_to(dataset.root)) for f in test.files]
+        write_reports(opts.predictions, opts.plot, test_logits.softmax(1).cpu(), torch.from_numpy(test.labels),
+                      list(dataset.classes), files, trainer.history, last_test, validation)
+    return result
 
 
-def validation_split(train: Split, test: Split, fraction: float, seed: int) -> tuple[Split, Split, Split]:
-    """(train, val, test): a class-stratified, seeded `fraction` of train held out to validate on; with
-    fraction 0, all of train to fit and the test split to validate on (the recipe's protocol)."""
+def validation_split(train: Split, test: Split, fraction: float, seed: int,
+                     own_val: Split | None = None) -> tuple[Split, Split, Split]:
+    """(train, val, test): the dataset's own val split when it has one (all of train to fit), else a
+    class-stratified, seeded `fraction` of train held out to validate on; with fraction 0, all of train
+    to fit and the test split to validate on (the recipe's protocol)."""
+    if own_val is not None:
+        return train, own_val, test
     if fraction == 0:
         return train, test, test
     kept, held = stratified_holdout(train.labels, fraction, seed)
@@ -387,9 +404,9 @@ def report(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"loss": F.cross_entropy(logits, labels).item(), **classification_report(logits.cpu(), labels.cpu())}
 
 
-def _test_once(trainer: Trainer, test: Split, loader: str, best: Path) -> tuple[dict, dict]:
-    """The test split's reports for the last model and for best.pt, from one pass over the test images
-    (one model when the last epoch is the best)."""
+def _test_once(trainer: Trainer, test: Split, loader: str, best: Path) -> tuple[torch.Tensor, dict, dict]:
+    """The last model's test logits, and the test split's reports for the last model and for best.pt, from
+    one pass over the test images (one model when the last epoch is the best)."""
     accs = [h["valid_acc"] for h in trainer.history]
     models = [trainer.forward]
     if accs.index(max(accs)) != len(accs) - 1:
@@ -399,7 +416,7 @@ def _test_once(trainer: Trainer, test: Split, loader: str, best: Path) -> tuple[
     logits = trainer.logits(models, test, loader)
     labels = torch.from_numpy(test.labels).to(trainer.device)
     reports = [report(scores, labels) for scores in logits]
-    return reports[0], reports[-1]
+    return logits[0], reports[0], reports[-1]
 
 
 def train_epoch(trainer: Trainer, train: Split, loader: str, aug: Augment) -> tuple[float, float, int, float]:

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import evaluation
 from .backbone import DEFAULT_ARCH
 from .cache_file import cached_splits, read_cache, split_files
 from .errors import FastfeatError, InputError, check_number
-from .evaluation import classification_report, write_predictions
+from .evaluation import classification_report
 from .model_files import LinearHead, save_head
 from .options import option
-from .plots import plot_run, require_matplotlib
+from .plots import require_matplotlib
 from .reporting import epoch_line
 from .runtime import resolve_device
 from .sources import stratified_holdout
@@ -209,15 +210,14 @@ def evaluated(head: nn.Module, tta: bool) -> nn.Module:
 
 def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
                   classes: list[str]) -> None:
-    """`--predictions` (the test rows' CSV) and `--plot` (PNGs) of a finished run (`head` and `test_x` as the
-    test evaluation took them: under TTA, the flip average on center and flip pairs)."""
-    if opts.predictions:
+    """`--predictions` and `--plot` of a finished run (`head` and `test_x` as the test evaluation took them:
+    under TTA, the flip average on center and flip pairs)."""
+    if opts.predictions or opts.plot:
         with torch.no_grad():
             probabilities = head(test_x).softmax(1)
-        write_predictions(opts.predictions, probabilities, test_y, classes, split_files(opts.cache, "test"))
-    if opts.plot:
-        validation = {"holdout": "validation", "val": "val split"}.get(result.validation, "test (every epoch)")
-        plot_run(opts.plot, classes, result.history, result.test, result.sweep, validation)
+        files = split_files(opts.cache, "test") if opts.predictions else None
+        evaluation.write_reports(opts.predictions, opts.plot, probabilities, test_y, classes, files, result.history,
+                                 result.test, result.validation, result.sweep)
 
 
 def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -306,4 +306,4 @@ def test_init_head_epoch_0_is_not_worse_than_the_probe(sample, weights_file, tmp
     result = finetune(options(sample, tmp_path, dataset="cifar10", limit=400, weights=weights, init_head=str(head_file),
                               val_fraction=0.25, lr=0.01, **TINY), log=lambda line: None)
     assert 0.3 < probe < 0.9  # a probe that can be matched, and bettered
-    assert result.history[0]["valid_acc"] >= probe, (result.history[0]["valid_acc"], probe)
+    assert result.history[0]["valid_acc"] >= probe - 1e-6, (result.history[0]["valid_acc"], probe)  # float32 vs 64

@@ -62,3 +62,22 @@ def test_plot_without_matplotlib_is_one_line_before_any_training(folder_cache, t
                         "--plot", str(tmp_path / "plots")], capsys)
     assert code == 2 and len(err) == 1 and "pip install 'fastfeat[plot]'" in err[0]
     assert not (tmp_path / "h.pt").exists() and not (tmp_path / "plots").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) is not installed")
+def test_finetune_writes_the_last_models_test_predictions_and_its_plots(tmp_path, capsys):
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "folder", per_class=4)
+    code, _, err = run(["finetune", "--data", str(data), "--weights", "none", "--image-size", "32", "--resize", "36",
+                        "--loader", "torch", "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0",
+                        "--checkpoint-dir", str(tmp_path / "ck"), "--predictions", str(tmp_path / "p.csv"),
+                        "--plot", str(tmp_path / "plots"), "--metrics", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    metrics = __import__("json").loads((tmp_path / "m.json").read_text())
+    assert [r["file"] for r in rows] == sorted(f"test/{c}/{i}.{'png' if i % 2 else 'jpg'}" for c in ("cat", "dog")
+                                               for i in range(4))
+    hits = sum(r["label"] == r["predicted"] for r in rows)
+    assert hits / len(rows) == pytest.approx(metrics["test"]["top1"])  # the CSV is the last model's test pass
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion.png", "learning_curves.png"]
