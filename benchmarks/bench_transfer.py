@@ -93,7 +93,7 @@ def run_probe(ctx: Context, epochs: int, seed: int) -> dict:
 
 def run_knn(ctx: Context, epochs: int, seed: int) -> dict:
     m = metrics_of(["knn", "--cache", str(ctx.cache()), "--seed", str(seed)], ctx.out / f"knn-seed{seed}.json")
-    return {"test_top1": m["test"][str(m["best_k"])], "k": m["best_k"], "seconds": m["seconds"]}
+    return {"test_top1": m["test"]["top1"], "k": m["best_k"], "seconds": m["seconds"]}
 
 
 def finetune_run(preset: str) -> Callable[[Context, int, int], dict]:

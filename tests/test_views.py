@@ -55,7 +55,7 @@ def test_flips_are_the_features_of_flipped_images_and_centers_do_not_change(tmp_
     plain = cache(png_folder(tmp_path / "a"), tmp_path / "plain.h5", loader=loader)
     views = cache(tmp_path / "a", tmp_path / "views.h5", loader=loader, tta="flip", views=2, batch_size=4)
     mirrored = cache(png_folder(tmp_path / "m", mirrored=True), tmp_path / "m.h5", loader=loader)
-    assert views.view_names == {"train": ["flip", "recipe", "recipe"], "test": ["flip"]}
+    assert views.view_names == {"train": ["flip", "crop-flip", "crop-flip"], "test": ["flip"]}
     for split in ("train", "test"):
         np.testing.assert_allclose(views.features[split], plain.features[split], rtol=1e-5, atol=1e-5)
         flips = views.views[split][:, 0]
@@ -89,11 +89,11 @@ def test_layout_is_readable_by_the_old_reader_and_described(tmp_path):
     np.testing.assert_array_equal(old.features["train"], full.features["train"])
     with h5py.File(out) as f:
         assert f["train/views"].shape == (6, 2, 512) and f["train/views"].dtype == np.float32
-        assert json.loads(f["train/views"].attrs["transforms"]) == ["flip", "recipe"]
+        assert json.loads(f["train/views"].attrs["transforms"]) == ["flip", "crop-flip"]
         assert json.loads(f["train/views"].attrs["seeds"]) == [None, 7]
         assert f.attrs["tta"] == "flip" and f.attrs["views"] == 1
     info = describe_cache(out)["splits"]
-    assert info["train"]["view_transforms"] == ["flip", "recipe"] and info["test"]["views"] == "(6, 1, 512) float32"
+    assert info["train"]["view_transforms"] == ["flip", "crop-flip"] and info["test"]["views"] == "(6, 1, 512) float32"
 
 
 def test_resume_keeps_views_and_refuses_other_view_settings(tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_two_rank_join_keeps_views(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
     two, one = read_cache(tmp_path / "two.h5", views=True), read_cache(tmp_path / "one.h5", views=True)
-    assert two.view_names == one.view_names == {"train": ["flip", "recipe"], "test": ["flip"]}
+    assert two.view_names == one.view_names == {"train": ["flip", "crop-flip"], "test": ["flip"]}
     for split in ("train", "test"):  # the batches, hence the views' seeds, are the same in both runs
         np.testing.assert_allclose(two.views[split], one.views[split], rtol=1e-4, atol=1e-5)
 
@@ -239,5 +239,5 @@ def test_bad_view_options_fail_in_one_line(tmp_path, capsys, argv, message):
 def test_view_plan_lists_each_splits_views():
     plan = ViewPlan(flip=True, views=2, seed=5)
     assert plan.transforms("test") == [{"transform": "flip", "seed": None}]
-    assert [v["transform"] for v in plan.transforms("train")] == ["flip", "recipe", "recipe"]
+    assert [v["transform"] for v in plan.transforms("train")] == ["flip", "crop-flip", "crop-flip"]
     assert ViewPlan().by_split(("train", "test")) == {"train": [], "test": []}
