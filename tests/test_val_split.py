@@ -79,3 +79,15 @@ def test_knn_validates_on_the_cached_val_split_with_every_train_row_as_neighbour
         ref = reference_predictions(train_x, train_y, val_x, k, 0.07, len(CLASSES))
         assert result.val[k] == pytest.approx((ref == val_y).mean())
     assert set(result.metrics()["val"]) >= {"top1", "mean_per_class", "per_class", "confusion", "per_k"}
+
+
+def test_finetune_validates_on_the_datasets_own_val_folder(tmp_path, capsys):
+    root = make_folder(tmp_path / "f", splits=("train", "val", "test"), per_class=3)
+    code, out, err = run(["finetune", "--data", str(root), *TINY, "--epochs", "1", "--batch-size", "3",
+                          "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    metrics = __import__("json").loads((tmp_path / "m.json").read_text())
+    assert metrics["validation"] == "val" and "on the dataset's val split" in out
+    assert sum(map(sum, metrics["val"]["confusion"])) == 6  # the 6 images of val/, none held out of train
+    assert sum(map(sum, metrics["test"]["confusion"])) == 6
+    assert metrics["epochs"][0]["train_images"] == 6  # all of train/ trains (batches of 3: no ragged tail)
