@@ -62,9 +62,9 @@ class BenchOptions(RunOptions, BackboneOptions):
     images: int = option(1024, "images per timed stage", group="data")
     weights: str = option("none", "none (random from --seed: nothing to download), DEFAULT, a weights name or FILE",
                           group="backbone")
-    batch_size: int | None = option(None, "images per batch (default: 128 cache, 64 finetune; 1024 and 256 on a GPU)",
-                                    group="device and precision")
-    jitter: float = option(0.0, "finetune: ColorJitter strength", group="bench")
+    batch_size: int | None = option(None, "images per batch (default: " + ", ".join(
+        f"{size} {what} on {device}" for (what, device), size in BATCH_SIZES.items()) + ")", group="device and precision")
+    jitter: float = option(FinetuneOptions.jitter, "finetune: ColorJitter strength", group="bench")
     augment: str = option(FinetuneOptions.augment, "finetune: the augmentation preset (fastfeat finetune's default)",
                           choices=AUGMENT_PRESETS, group="bench")
     repeats: int = option(2, "timed runs of each stage, interleaved; the best counts", group="bench")

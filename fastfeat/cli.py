@@ -117,22 +117,17 @@ def run_train_head(args: argparse.Namespace) -> None:
 
     _check_writable(args.metrics)
     result = train_head(from_args(HeadOptions, args))
+    validated = _validated(result.validation, args)
     if result.sweep is not None:
         best, heads = result.sweep["best"], len(result.sweep["lrs"]) * len(result.sweep["weight_decays"])
         print("\n".join(sweep_table(result.sweep)))
         refit = "refit on train + validation" if result.sweep["refit"] else "not refit (--no-refit)"
         print(f"swept {heads} heads in {result.sweep['seconds']:.2f} s: best lr {best['lr']:g}, weight decay "
-              f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} ({_validated(result.validation, args)}), "
-              f"{refit}; test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
-        print(result.views_line())
-        _written(args)
-        if args.metrics:
-            write_json(args.metrics, result.metrics())
-        return
-    validated = _validated(result.validation, args)
-    print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
-          f"(best {result.best_valid_acc:.4f}, {validated}); test acc {result.test['top1']:.4f}, "
-          f"evaluated once -> {result.out}")
+              f"{best['weight_decay']:.3g}, valid acc {best['val_acc']:.4f} ({validated}), {refit}; ", end="")
+    else:
+        print(f"trained the head in {result.seconds:.2f} s: valid acc {result.final_valid_acc:.4f} "
+              f"(best {result.best_valid_acc:.4f}, {validated}); ", end="")
+    print(f"test acc {result.test['top1']:.4f}, evaluated once -> {result.out}")
     print(result.views_line())
     _written(args)
     if args.metrics:

@@ -249,23 +249,36 @@ def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     each epoch trains on its views of the rows (standardised with the center crops' statistics); under
     `tta`, `test_x` is (N, 2, D) center and flip pairs."""
     opts = with_defaults(opts, len(train_y))
-    train_x = train_x if sampler is None else sampler.buffer
-    head = new_head(train_x, num_classes, opts.standardize)
-    run_epoch, history = epoch_runner(head, opts, train_x, train_y), []
+    head = new_head(train_x if sampler is None else sampler.buffer, num_classes, opts.standardize)
+    history = train_epochs(head, opts, train_x, train_y, log, sampler,
+                           lambda: evaluate(evaluated(head, tta), test_x, test_y), f"lower --lr (now {opts.lr})")
+    return head, history
+
+
+def train_epochs(head: LinearHead, opts: HeadOptions, x: torch.Tensor, y: torch.Tensor, log: Callable[[str], None],
+                 sampler: ViewSampler | None, validate: Callable[[], tuple[float, float]] | None,
+                 remedy: str) -> list[dict]:
+    """`opts.epochs` epochs of `head` on x (or each epoch's views of it), each followed by `validate` (loss,
+    accuracy; None: train numbers only); one line per epoch; a diverging head stops with `remedy`."""
+    x = x if sampler is None else sampler.buffer
+    run_epoch, history = epoch_runner(head, opts, x, y), []
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
         if sampler is not None:
             sampler.refresh(epoch)
         train_loss, train_acc = run_epoch()
-        valid_loss, valid_acc = evaluate(evaluated(head, tta), test_x, test_y)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+        if validate is not None:
+            record["valid_loss"], record["valid_acc"] = validate()
         seconds = time.perf_counter() - epoch_start
         if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
-            raise FastfeatError(f"the head diverged in epoch {epoch} (train loss {train_loss}); nothing was saved: "
-                                f"lower --lr (now {opts.lr})")
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                        "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": round(seconds, 4)})
-        log(epoch_line(epoch, train_loss, train_acc, valid_loss, valid_acc, seconds))
-    return head, history
+            what = "head" if validate is not None else "refit head"
+            raise FastfeatError(f"the {what} diverged in epoch {epoch} (train loss {train_loss}); nothing was saved: "
+                                f"{remedy}")
+        history.append({**record, "seconds": round(seconds, 4)})
+        log(epoch_line(epoch, train_loss, train_acc, record["valid_loss"], record["valid_acc"], seconds)
+            if validate is not None else f"Refit epoch {epoch}. Train Loss: {train_loss:f}, Train Acc: {train_acc:f}")
+    return history
 
 
 def check_options(opts: HeadOptions) -> None:
@@ -583,22 +596,11 @@ def sweep_logits(block: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, fla
 
 def refit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, opts: HeadOptions,
                log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> tuple[LinearHead, list[dict]]:
-    """The single-head path (`new_head`, `epoch_runner`) on x without a holdout: history holds train numbers only.
+    """The single-head path (`new_head`, `train_epochs`) on x without a holdout: history holds train numbers only.
     With a `sampler`, each epoch trains on its views (see `fit_head`)."""
-    x = x if sampler is None else sampler.buffer
-    head = new_head(x, num_classes, opts.standardize)
-    run_epoch, history = epoch_runner(head, opts, x, y), []
-    for epoch in range(opts.epochs):
-        epoch_start = time.perf_counter()
-        if sampler is not None:
-            sampler.refresh(epoch)
-        train_loss, train_acc = run_epoch()
-        seconds = time.perf_counter() - epoch_start
-        if not math.isfinite(train_loss) or not all(p.isfinite().all() for p in head.parameters()):
-            raise FastfeatError(f"the refit head diverged in epoch {epoch} (train loss {train_loss}); nothing was "
-                                f"saved: pass --no-refit, or leave lr {opts.lr} out of --lrs")
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "seconds": round(seconds, 4)})
-        log(f"Refit epoch {epoch}. Train Loss: {train_loss:f}, Train Acc: {train_acc:f}")
+    head = new_head(x if sampler is None else sampler.buffer, num_classes, opts.standardize)
+    history = train_epochs(head, opts, x, y, log, sampler, None,
+                           f"pass --no-refit, or leave lr {opts.lr} out of --lrs")
     return head, history
 
 

@@ -103,9 +103,13 @@ def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     fused matmul pass; larger ones torch's separable resize, which reads only the taps it needs."""
     if images.shape[-2] * images.shape[-1] <= pre.resize**2:
         return resize_crop_normalize(images, pre)
+    return normalize(resize_center_crop(images, pre).float() / 255.0, pre.mean, pre.std)
+
+
+def resize_center_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """The eval geometry on uint8 NCHW: torchvision's Resize(resize) (antialiased) + CenterCrop(image_size)."""
     images = TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation), antialias=True)
-    images = TF.center_crop(images, [pre.image_size, pre.image_size])
-    return normalize(images.float() / 255.0, pre.mean, pre.std)
+    return TF.center_crop(images, [pre.image_size, pre.image_size])
 
 
 def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
@@ -116,9 +120,6 @@ def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tens
     if all(img.shape == images[0].shape for img in images):
         return transform(torch.stack(images))
     return torch.cat([transform(img[None]) for img in images])
-
-
-AUGMENT_PRESETS = ("recipe", "crop-flip", "rrc-flip")
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,7 @@ def reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 def crop_flip(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Generator) -> torch.Tensor:
     """The eval geometry, then a random image_size crop of its reflect padding + horizontal flip, as ONE
     gather of precomputed pixel indices (padding, crop and flip folded in): no resampling. [0, 1] floats."""
-    fitted = TF.center_crop(TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation),
-                                      antialias=True), [pre.image_size, pre.image_size])
+    fitted = resize_center_crop(images, pre)
     n, c, size, _ = fitted.shape
     pad = aug.pad_pixels(size)
     dy, dx = (torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=g.device) - pad for _ in range(2))
@@ -253,6 +253,7 @@ def crop_flip(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Gene
 
 
 PRESETS = {"recipe": recipe_geometry, "crop-flip": crop_flip, "rrc-flip": rrc_flip}
+AUGMENT_PRESETS = tuple(PRESETS)
 
 
 def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
