@@ -101,15 +101,17 @@ def finetune_run(preset: str) -> Callable[[Context, int, int], dict]:
 
     def run(ctx: Context, epochs: int, seed: int) -> dict:
         with tempfile.TemporaryDirectory(dir=ctx.out) as tmp:
+            options = {"init_head": str(ctx.head(seed)), **ctx.finetune_options}  # --set init_head=null: a fresh head
             opts = FinetuneOptions(data=str(ctx.task.target_data), weights=str(ctx.task.weights), resize=32,
-                                   image_size=32, augment=preset, init_head=str(ctx.head(seed)), epochs=epochs,
-                                   seed=seed, checkpoint_dir=tmp, progress=False, **ctx.finetune_options)
+                                   image_size=32, augment=preset, epochs=epochs, seed=seed, checkpoint_dir=tmp,
+                                   progress=False, **options)
             start = time.perf_counter()
             result = finetune(opts, log=lambda line: None)
         history = result.history
         return {"test_top1": result.test["top1"], "best_test_top1": result.best_test["top1"],
                 "epoch0_valid_acc": history[0]["valid_acc"], "final_valid_acc": history[-1]["valid_acc"],
                 "images_per_second": result.metrics()["train_images_per_second"],
+                "epoch_seconds": round(result.metrics()["seconds"] / len(history), 2),
                 "seconds": round(time.perf_counter() - start, 2), "loader": result.loader}
 
     return run
@@ -125,7 +127,7 @@ def run_plain(ctx: Context, epochs: int, seed: int) -> dict:
     model.load_state_dict(state, strict=False)
     trained = plain_train(model, *train, PlainSettings(epochs=epochs, seed=seed))
     return {"test_top1": accuracy(model, *test), "images_per_second": trained["images_per_second"],
-            "seconds": trained["seconds"]}
+            "epoch_seconds": round(trained["seconds"] / epochs, 2), "seconds": trained["seconds"]}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torchvision
 from PIL import Image
 
 from .backbone import FeatureExtractor, build_backbone
+from .cache import BATCH_SIZES as CACHE_BATCH_SIZES
 from .cache import CacheOptions, build_cache
 from .errors import InputError
 from .finetune import FinetuneOptions, Trainer, augmentation, epoch_order, train_epoch
@@ -45,7 +46,8 @@ from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 BENCHES = ("cache", "finetune")
 # default batch sizes: a CPU's, and one that fills a large GPU
-BATCH_SIZES = {("cache", "cpu"): 128, ("cache", "cuda"): 1024, ("finetune", "cpu"): 64, ("finetune", "cuda"): 256}
+BATCH_SIZES = {**{("cache", device): size for device, size in CACHE_BATCH_SIZES.items()},
+               ("finetune", "cpu"): 64, ("finetune", "cuda"): 256}
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}

@@ -24,9 +24,13 @@ from .spec import FeatureSpec
 from .transforms import Preprocess
 from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
 
+BATCH_SIZES = {"cpu": 128, "cuda": 1024}  # --batch-size by device: a CPU's, and one that fills a large GPU
+
 
 @dataclass
 class CacheOptions(RunOptions, BackboneOptions, DataOptions):
+    batch_size: int | None = option(None, "images per batch, per rank under torchrun (default: " + ", ".join(
+        f"{size} on {device}" for device, size in BATCH_SIZES.items()) + ")", group="device and precision")
     splits: tuple[str, ...] | None = option(None, "comma-separated splits to cache (default: train and test, and val "
                                                   "for an image folder with its own val/ beside test/)", group="data")
     out: str | None = option(None, "cache file (default: data/<dataset>-<arch>.h5)", group="output")
@@ -45,6 +49,9 @@ class CacheOptions(RunOptions, BackboneOptions, DataOptions):
 
     def view_plan(self) -> ViewPlan:
         return ViewPlan(self.tta is not None, self.views, self.view_augment, self.view_seed)
+
+    def batch(self, device: torch.device) -> int:
+        return self.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
 
 
 @dataclass
@@ -119,7 +126,7 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     rank 0 then joins the shards, in rank order, into the one cache file. `backbone` and `extractor`:
     built (and warmed) ones to reuse, as `fastfeat bench` does to keep startup out of its timing.
     """
-    if opts.batch_size < 1:
+    if opts.batch_size is not None and opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     plan = opts.view_plan()
     world, device = init_world(opts.device)
@@ -134,7 +141,7 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     backbone = backbone or opts.build()
     spec, pre = backbone.spec.with_precision(precision_name(dtype)), backbone.spec.pre
     extractor = extractor or FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
-    attrs = cache_attrs(dataset, spec, opts.batch_size, opts.limit, opts.seed, plan)
+    attrs = cache_attrs(dataset, spec, opts.batch(device), opts.limit, opts.seed, plan)
     rows = {name: len(split) for name, split in dataset.splits.items()}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
@@ -199,7 +206,8 @@ def _cache_split(writer: CacheWriter, name: str, split: Split, extractor: Featur
     desc = f"cache {name}" + (f" (rank 0 of {world.size})" if world.distributed else "")
     plan = opts.view_plan()
     with progress(len(split), desc, opts.progress and world.is_main, initial=done) as bar:
-        batches = _batches(split.rows(done, len(split)), loader, pre, opts.batch_size, extractor.device, plan)
+        batch_size = opts.batch(extractor.device)
+        batches = _batches(split.rows(done, len(split)), loader, pre, batch_size, extractor.device, plan)
         for features in host_arrays(_features(extractor, batches, plan, name, first_row + done, pre), extractor.device):
             views = features[:, 1:] if features.shape[1] > 1 else None
             writer.write(name, row, features[:, 0], split.labels[row : row + len(features)], views)

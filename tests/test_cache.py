@@ -178,6 +178,14 @@ def test_resume_gives_the_same_file_as_an_uninterrupted_run(sample, tmp_path, mo
         cache(sample, tmp_path / "other.h5", resume=True, **{**kw, "batch_size": 8})
 
 
+def test_the_default_batch_size_is_the_devices(sample, tmp_path):
+    """128 images a batch on a CPU, 1024 (a large GPU's) on CUDA, unless --batch-size says otherwise."""
+    assert CacheOptions().batch(torch.device("cuda")) == 1024
+    assert CacheOptions(batch_size=8).batch(torch.device("cuda")) == 8
+    made = cache(sample, tmp_path / "c.h5", splits=("test",), limit=20, loader="torch", weights="none", **SMALL)
+    assert made["attrs"]["batch_size"] == 128
+
+
 def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path, monkeypatch):
     kw = dict(splits=("train",), loader="torch", weights="none", batch_size=2, image_size=32, resize=36)
     out = tmp_path / "c.h5"
