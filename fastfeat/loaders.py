@@ -75,7 +75,9 @@ def train_batches(
     order: np.ndarray, seed: int,
 ) -> Iterator[torch.Tensor]:
     """Augmented, normalized float NCHW batches of the rows `order` on `device`; random per sample,
-    reproducible from `seed`; made ahead in a background thread while the model trains."""
+    reproducible from `seed`; made ahead in a background thread while the model trains, except torch's on
+    a CPU: there the training step keeps every core busy and a producer thread only competes with it
+    (measured: 10 % more images/s at 32 px without it, 1 % at 224 px; DALI's and the cache's gain from one)."""
     if loader == "dali":
         from . import dali_loader
 
@@ -83,8 +85,9 @@ def train_batches(
     from .torch_loader import uint8_batches
 
     generator = torch.Generator(device).manual_seed(seed)
-    return prefetch(per_size(batch, lambda images: augment(images, pre, aug, generator))
-                    for batch in uint8_batches(split, batch_size, device, order))
+    batches = (per_size(batch, lambda images: augment(images, pre, aug, generator))
+               for batch in uint8_batches(split, batch_size, device, order))
+    return prefetch(batches) if device.type == "cuda" else batches
 
 
 class _Failed:
