@@ -30,7 +30,7 @@ from fastfeat.synthetic import data_or_sample
 def cache_features(args: argparse.Namespace, out: Path, **kw) -> torch.Tensor:
     build_cache(CacheOptions(data=str(args.data), splits=("train",), limit=args.images, out=str(out), overwrite=True,
                              progress=False, weights="none", device=args.device, image_size=args.image_size,
-                             resize=args.resize, batch_size=args.batch_size or 256, dtype="float32", **kw))
+                             resize=args.resize, batch_size=args.batch_size, dtype="float32", **kw))
     return torch.from_numpy(read_cache(out, ("train",)).features["train"])
 
 
