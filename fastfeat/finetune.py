@@ -51,11 +51,11 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
                                        "rotation + RandomResizedCrop + flip), crop-flip (random crop of the reflect-"
                                        "padded image + flip, no resampling) or rrc-flip (RandomResizedCrop + flip)",
                           choices=AUGMENT_PRESETS, group="training")
-    pad: float = option(4.0, "crop-flip: padding in px at 32 px, scaled with --image-size (28 px at 224)",
+    pad: float = option(Augment.pad, "crop-flip: padding in px at 32 px, scaled with --image-size (28 px at 224)",
                         group="training")
-    crop_scale: tuple[float, ...] = option((0.25, 1.0), "rrc-flip: LOW,HIGH share of the image area a crop covers",
+    crop_scale: tuple[float, ...] = option(Augment.crop_scale, "rrc-flip: LOW,HIGH share of the image area a crop covers",
                                            group="training")
-    jitter: float = option(0.0, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
+    jitter: float = option(Augment.jitter, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
     epochs: int = option(5, "passes over the train split", group="training")
     lr: float = option(0.05, "the head's learning rate", group="training")
     backbone_lr_scale: float = option(1.0, "backbone lr = lr x this", group="training")
