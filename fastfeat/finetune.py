@@ -42,6 +42,7 @@ from .spec import FeatureSpec
 from .transforms import AUGMENT_PRESETS, Augment
 
 SCHEDULES = ("cosine", "step", "none")
+FRESH_HEAD_SMOOTHING = 0.1  # --label-smoothing's default from a fresh head
 
 
 @dataclass
@@ -64,8 +65,9 @@ class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
     warmup_epochs: float = option(1.0, "linear lr warm-up (with --init-head: head-only epochs, then the backbone's ramp)",
                                   group="training")
     weight_decay: float = option(5e-4, "L2 weight decay", group="training")
-    label_smoothing: float | None = option(None, "cross-entropy label smoothing (default 0.1; from --init-head, the "
-                                                 "smoothing that head was fit with, 0 by default)", group="training")
+    label_smoothing: float | None = option(None, f"cross-entropy label smoothing (default {FRESH_HEAD_SMOOTHING:g}; from "
+                                                 "--init-head, the smoothing that head was fit with, 0 by default)",
+                                           group="training")
     freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
                                  "backbone (0.5), or module names; `--freeze help` lists an arch's", group="training")
     init_head: str | None = option(None, "start from a head made by train-head on the same features (the warm-up "
@@ -186,7 +188,7 @@ def label_smoothing(opts: FinetuneOptions) -> float:
         recorded = read_model_file(opts.init_head, HEAD_FORMAT).get("options")
         value = recorded.get("label_smoothing") if isinstance(recorded, dict) else None
         return float(value) if isinstance(value, (int, float)) and 0 <= value < 1 else 0.0
-    return 0.1
+    return FRESH_HEAD_SMOOTHING
 
 
 def make_optimizer(model: nn.Module, head_path: str, opts: FinetuneOptions) -> torch.optim.Optimizer:
@@ -285,7 +287,7 @@ class Trainer:
         a frozen one."""
         if self.schedule.last_epoch <= self.head_only:
             return []
-        frozen = {id(m) for module in self.frozen for m in module.modules()}
+        frozen = {id(m) for m in self.frozen}  # holds every module inside a frozen one, BatchNorm too
         return [m for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in frozen]
 
