@@ -6,15 +6,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from .errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
-OVERSHOOTS = {"bilinear": False, "bicubic": True}  # whether the filter has negative lobes
 
 
 @dataclass(frozen=True)
@@ -57,59 +54,89 @@ def crop_start(extent: int, crop: int) -> int:
     return int(round((extent - crop) / 2))
 
 
-def axis_weights(size: int, resized: int, start: int, crop: int, interpolation: str) -> torch.Tensor:
-    """(crop, size) float64: row i holds the weights torch's antialiased resize of one axis from `size`
-    to `resized` gives output pixel `start + i`, read off by resizing the identity matrix's rows (its
-    columns keep their size, an identity map), so they are torch's own, exactly."""
-    eye = torch.eye(size, dtype=torch.float64).view(1, 1, size, size)
-    weights = F.interpolate(eye, size=(resized, size), mode=interpolation, antialias=True, align_corners=False)
-    return weights[0, 0, start : start + crop]
+PIL_BITS = 22  # Pillow's fixed-point precision for 8-bit images (PRECISION_BITS in libImaging/Resample.c)
+
+
+def _bilinear(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x).clamp(min=0.0)
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic with a = -0.5 (Pillow's; torch's plain bicubic uses -0.75), evaluated as Pillow does."""
+    near = ((1.5 * x - 2.5) * x) * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
+
+
+PIL_FILTERS = {"bilinear": (1.0, _bilinear), "bicubic": (2.0, _bicubic)}  # support, filter of |x|
+
+
+def pil_axis_weights(size: int, resized: int, start: int, crop: int, interpolation: str) -> tuple[int, torch.Tensor]:
+    """Pillow's resize coefficients of one axis from `size` to `resized`, for output pixels `start` to
+    `start + crop` only: (first input pixel they read, (crop, span) float64 integer weights in Pillow's
+    fixed point). Each output pixel's filter is widened by the downscale factor, its taps normalised to
+    sum 1, then rounded half away from zero to `PIL_BITS` bits, in Pillow's order of float operations."""
+    support, kernel = PIL_FILTERS[interpolation]
+    scale = size / resized
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    taps = math.ceil(support) * 2 + 1
+    center = (torch.arange(start, start + crop, dtype=torch.float64) + 0.5) * scale
+    low = torch.trunc(center - support + 0.5).clamp(min=0)
+    high = torch.trunc(center + support + 0.5).clamp(max=size)
+    index = low[:, None] + torch.arange(taps, dtype=torch.float64)
+    used = index < high[:, None]
+    weights = torch.where(used, kernel(((index - center[:, None]) + 0.5).abs() * (1.0 / filterscale)), 0.0)
+    total = torch.zeros(crop, dtype=torch.float64)
+    for tap in range(taps):  # summed tap by tap, as Pillow does (a tree sum can differ in the last bit)
+        total += weights[:, tap]
+    weights = weights / torch.where(total == 0, 1.0, total)[:, None]
+    fixed = torch.trunc(weights * (1 << PIL_BITS) + torch.where(weights < 0, -0.5, 0.5))
+    first = int(low.min())
+    span = int(torch.where(used, index, 0).max()) + 1 - first
+    dense = torch.zeros(crop, span + taps, dtype=torch.float64)
+    dense.scatter_add_(1, (index - first).long(), torch.where(used, fixed, 0.0))
+    return first, dense[:, :span]
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_plan(height: int, width: int, pre: Preprocess, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Row weights (crop, H), column weights (W, crop), per-channel shift and scale of `resize_crop_normalize`."""
+def _resize_plan(height: int, width: int, pre: Preprocess, device: torch.device) -> tuple:
+    """`resize_center_crop`'s input window and weights: (rows, row weights (crop, R), cols, column
+    weights (C, crop)) for the rows and columns the kept crop reads, in grey levels per level."""
     out_h, out_w = resized_size(height, width, pre.resize)
     crop = pre.image_size
-    rows = axis_weights(height, out_h, crop_start(out_h, crop), crop, pre.interpolation)
-    cols = axis_weights(width, out_w, crop_start(out_w, crop), crop, pre.interpolation).T
-    shift = 255 * torch.tensor(pre.mean, dtype=torch.float64).view(1, 3, 1, 1)
-    scale = 1 / (255 * torch.tensor(pre.std, dtype=torch.float64)).view(1, 3, 1, 1)
-    return tuple(t.to(device, torch.float32).contiguous() for t in (rows, cols, shift, scale))
+    row0, rows = pil_axis_weights(height, out_h, crop_start(out_h, crop), crop, pre.interpolation)
+    col0, cols = pil_axis_weights(width, out_w, crop_start(out_w, crop), crop, pre.interpolation)
+    unit = 1.0 / (1 << PIL_BITS)  # a power of 2: the scaled weights stay exact
+    return (slice(row0, row0 + rows.shape[1]), (rows * unit).to(device), slice(col0, col0 + cols.shape[1]),
+            (cols.T * unit).contiguous().to(device))
 
 
-def resize_crop_normalize(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 NCHW (one size) -> `eval_transform`'s output in one pass over it: two small matmuls with
-    the crop's rows and columns of the resize weights only (columns first, as torch's resize). Every
-    weight row sums to 1, so the mean is subtracted on the small input and the 1/std scale applied
-    between the matmuls. The result is channels_last (what the model takes). Bicubic overshoots the
-    pixel range: each pass is clamped to it, as torchvision's uint8 resize does."""
-    n, _, height, width = images.shape
-    rows, cols, shift, scale = _fused_plan(height, width, pre, images.device)
-    low, high = -shift * scale, (255 - shift) * scale
-    clamp = OVERSHOOTS[pre.interpolation]
-    crop = pre.image_size
-    columns = (images.float() - shift) @ cols * scale  # (N, 3, H, crop): small
-    if clamp:
-        columns.clamp_(low, high)
-    columns = columns.permute(0, 2, 3, 1).reshape(n, height, crop * 3)  # channels innermost
-    out = (rows @ columns).view(n, crop, crop, 3).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-    return out.clamp_(low, high) if clamp else out
-
-
-def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size), torchvision's
-    Resize + CenterCrop + Normalize. Inputs no larger than the resized image (CIFAR's 32 px) take the
-    fused matmul pass; larger ones torch's separable resize, which reads only the taps it needs."""
-    if images.shape[-2] * images.shape[-1] <= pre.resize**2:
-        return resize_crop_normalize(images, pre)
-    return normalize(resize_center_crop(images, pre).float() / 255.0, pre.mean, pre.std)
+def _round_pass(sums: torch.Tensor) -> torch.Tensor:
+    """Pillow's end of a pass: the sums (in grey levels; exact, the weights being integers over a power
+    of 2) rounded half up to whole levels and clipped to 0..255, in place."""
+    return sums.add_(0.5).floor_().clamp_(0, 255)
 
 
 def resize_center_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """The eval geometry on uint8 NCHW: torchvision's Resize(resize) (antialiased) + CenterCrop(image_size)."""
-    images = TF.resize(images, [pre.resize], interpolation=TF.InterpolationMode(pre.interpolation), antialias=True)
-    return TF.center_crop(images, [pre.image_size, pre.image_size])
+    """uint8 NCHW (one size) -> uint8 NCHW (image_size x image_size): torchvision's `Resize(resize)` +
+    `CenterCrop(image_size)` on PIL images, pixel for pixel. Pillow's two passes (horizontal, then
+    vertical, each rounded to uint8) as two small float64 matmuls (exact on these integers) with its
+    coefficients for the kept crop's rows and columns only. The result is channels_last (as the model
+    takes it)."""
+    n, channels, _, _ = images.shape
+    rows, row_weights, cols, col_weights = _resize_plan(*images.shape[-2:], pre, images.device)
+    crop = pre.image_size
+    across = _round_pass(images[:, :, rows, cols].double() @ col_weights)  # (N, C, R, crop)
+    across = across.permute(0, 2, 3, 1).reshape(n, -1, crop * channels)  # channels innermost
+    down = _round_pass(row_weights @ across)
+    return down.to(torch.uint8).view(n, crop, crop, channels).permute(0, 3, 1, 2)
+
+
+def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size, channels_last):
+    the weights' `transforms()` (Resize, CenterCrop, ToTensor, Normalize) as on PIL images."""
+    return normalize(resize_center_crop(images, pre).float() / 255.0, pre.mean, pre.std)
 
 
 def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
