@@ -1,4 +1,5 @@
-"""NVIDIA DALI pipelines: decode/resize/crop/normalize on the GPU, or in DALI's CPU mode.
+"""NVIDIA DALI pipelines: decode and augment on the GPU, or in DALI's CPU mode (the evaluation resize is
+torch's PIL-exact one, on DALI's decoded images).
 
 CIFAR arrays enter through `external_source`; folders through the file reader and the image
 decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the output is copied
@@ -24,7 +25,7 @@ from .errors import FastfeatError, InputError
 from .runtime import loader_workers
 from .sources import Split
 from .torch_loader import find_corrupt_file
-from .transforms import Augment, Preprocess
+from .transforms import Augment, Preprocess, eval_transform, per_size
 
 PREFETCH = 2
 
@@ -61,9 +62,10 @@ def _centre_offset(extent, crop: int):
 
 
 def resize_center_crop(images, pre: Preprocess):
-    """torchvision's `Resize(resize)` (shorter side to `resize`, longer `int(resize * long / short)`) and
-    `CenterCrop(image_size)` as one resize of only the input region the crop keeps, at the full resize's
-    scale: the same sampling positions and antialiasing, without the rows and columns the crop drops."""
+    """The crop-flip augmentation's eval geometry, in DALI's filters: torchvision's `Resize(resize)` (shorter
+    side to `resize`, longer `int(resize * long / short)`) and `CenterCrop(image_size)` as
+    one resize of only the input region the crop keeps, at the full resize's scale: the same sampling
+    positions and antialiasing, without the rows and columns the crop drops."""
     shape = images.shape(dtype=types.FLOAT)
     short = dmath.min(shape[0], shape[1])
     crop = pre.image_size
@@ -77,25 +79,11 @@ def resize_center_crop(images, pre: Preprocess):
                      roi_relative=False, interp_type=INTERP_TYPES[pre.interpolation], antialias=True)
 
 
-def normalize(images, pre: Preprocess):
-    """`ToTensor()` + `Normalize(mean, std)` as float32 HWC (handed on as channels_last NCHW: no
-    layout copy before the model)."""
-    return fn.crop_mirror_normalize(images, mean=[255 * m for m in pre.mean], std=[255 * s for s in pre.std],
-                                    dtype=types.FLOAT, output_layout="HWC")
-
-
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
-    """The recipe's evaluation preprocessing, pixel-exact in geometry: resize + center crop, normalize."""
-    images = read_images(split, order, rows_per_batch, gpu)
-    return normalize(resize_center_crop(images, pre), pre)
-
-
-@pipeline_def(enable_conditionals=False)
-def center_and_decoded_pipeline(split: Split, order: np.ndarray, pre: Preprocess, gpu: bool, rows_per_batch: int):
-    """`eval_pipeline`'s center crops and the decoded images they came from (for augmented views)."""
-    images = read_images(split, order, rows_per_batch, gpu)
-    return normalize(resize_center_crop(images, pre), pre), images
+def decoded_pipeline(split: Split, order: np.ndarray, gpu: bool, rows_per_batch: int):
+    """The decoded images, for the evaluation preprocessing in torch: DALI's resize filters are not
+    Pillow's (nor is its rounding between passes), the weights' `transforms()` are."""
+    return read_images(split, order, rows_per_batch, gpu)
 
 
 def _jitter(images, strength: float):
@@ -238,20 +226,23 @@ def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: t
     return pipe
 
 
+def center_and_decoded_batches(
+    split: Split, pre: Preprocess, batch_size: int, device: torch.device, order: np.ndarray | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]]:
+    """Decoded in DALI: the center crops (torch's PIL-exact `eval_transform`, one call per image size) and
+    the decoded uint8 images they came from (NCHW, or a list of CHW for several sizes), on `device`."""
+    order = np.arange(len(split)) if order is None else order
+    pipe = _build(decoded_pipeline, split, order, batch_size, device)
+    for (decoded,), rows in pipeline_outputs(pipe, split, order):
+        images = decoded_to_torch(decoded, rows, device)
+        yield per_size(images, lambda batch: eval_transform(batch, pre)), images
+
+
 def eval_batches(
     split: Split, pre: Preprocess, batch_size: int, device: torch.device, order: np.ndarray | None = None
 ) -> Iterator[torch.Tensor]:
-    order = np.arange(len(split)) if order is None else order
-    yield from run_pipeline(_build(eval_pipeline, split, order, batch_size, device, pre), split, order, device)
-
-
-def center_and_decoded_batches(
-    split: Split, pre: Preprocess, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]]:
-    order = np.arange(len(split))
-    pipe = _build(center_and_decoded_pipeline, split, order, batch_size, device, pre)
-    for (center, decoded), rows in pipeline_outputs(pipe, split, order):
-        yield to_torch(center, torch.float32, device)[:rows], decoded_to_torch(decoded, rows, device)
+    for center, _ in center_and_decoded_batches(split, pre, batch_size, device, order):
+        yield center
 
 
 def train_batches(

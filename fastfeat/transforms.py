@@ -141,12 +141,17 @@ def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
     """Apply a batched `transform` to a uint8 NCHW batch, or to a list of CHW images of possibly
-    different sizes (stacked when they agree, one by one otherwise)."""
+    different sizes: one call per size (the images of a size stacked), results back in list order."""
     if isinstance(images, torch.Tensor):
         return transform(images)
-    if all(img.shape == images[0].shape for img in images):
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    if len(groups) == 1:
         return transform(torch.stack(images))
-    return torch.cat([transform(img[None]) for img in images])
+    results = torch.cat([transform(torch.stack([images[i] for i in rows])) for rows in groups.values()])
+    grouped = torch.tensor([i for rows in groups.values() for i in rows], device=results.device)
+    return results[torch.argsort(grouped)]
 
 
 @dataclass(frozen=True)
