@@ -213,6 +213,10 @@ class CompiledOrEager:
         print(f"fastfeat: info: torch.compile failed ({type(exc).__name__}: {first}); running eagerly", file=sys.stderr)
         self.run = self.eager
 
+    def __getattr__(self, name: str):
+        """The model's own attributes (`eval()`, `train()`, ...): the compiled model shares its modules."""
+        return getattr(self.eager, name)
+
     def __call__(self, *args, **kwargs):
         if not self.compiled:
             return self.eager(*args, **kwargs)
