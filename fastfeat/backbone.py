@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import InputError
 from .reporting import read_torch_file
-from .runtime import autocast
+from .runtime import CompiledOrEager, autocast
 from .spec import FeatureSpec
 from .transforms import INTERPOLATIONS, Preprocess
 
@@ -301,7 +301,7 @@ class FeatureExtractor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(device, memory_format=self.memory_format)
         # freezing: inductor folds BatchNorm into the convolutions and prepacks their weights.
-        self.forward = torch.compile(self.model, options={"freezing": True}) if compile else self.model
+        self.forward = CompiledOrEager(self.model, compile, options={"freezing": True})
         self.device, self.amp_dtype = device, amp_dtype
 
     @torch.inference_mode()

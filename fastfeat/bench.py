@@ -18,7 +18,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,18 @@ from .loaders import (
     train_batches,
 )
 from .options import BackboneOptions, RunOptions, option
-from .runtime import amp_dtype, host_arrays, precision_name, resolve_device, synchronize
+from .runtime import (
+    cpu_bf16_native,
+    cpu_capability,
+    choose_precision,
+    compile_wanted,
+    cuda_bf16_supported,
+    host_arrays,
+    loader_workers,
+    precision_name,
+    resolve_device,
+    synchronize,
+)
 from .sources import DATASET_KINDS, Dataset, Split, open_dataset
 from .synthetic import data_or_sample
 from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -51,6 +62,17 @@ BATCH_SIZES = {**{("cache", device): size for device, size in CACHE_BATCH_SIZES.
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
+OTHER_MODEL = "model "  # + a precision name: the bare model at a precision other than the run's
+
+
+def stage_name(stage: str) -> str:
+    return STAGE_NAMES.get(stage, stage.replace("_", " "))
+
+
+def native_dtypes(device: torch.device) -> list[torch.dtype | None]:
+    """The precisions this device runs natively, the candidates for "the fastest bare model"."""
+    bf16 = cuda_bf16_supported() if device.type == "cuda" else cpu_bf16_native()
+    return [None, torch.bfloat16] if bf16 else [None]
 
 
 @dataclass
@@ -92,6 +114,20 @@ class BenchResult:
         return max(self.runs[stage])
 
     @property
+    def fastest_model(self) -> str:
+        """The bare model's stage at the fastest precision measured (the run's own, or another native one)."""
+        return max((stage for stage in self.runs if stage == "model" or stage.startswith(OTHER_MODEL)), key=self.best)
+
+    @property
+    def fastest_precision(self) -> str:
+        fastest = self.fastest_model
+        return self.settings["precision"] if fastest == "model" else fastest.removeprefix(OTHER_MODEL)
+
+    def vs_fastest(self, stage: str) -> float:
+        """`stage` against the fastest bare model: what the run keeps of what this device can do."""
+        return self.best(stage) / self.best(self.fastest_model)
+
+    @property
     def bottleneck(self) -> str:
         return "loader" if self.best("loader") < self.best("model") else "model"
 
@@ -106,20 +142,29 @@ class BenchResult:
                  f"{s['precision']}, loader {s['loader']}, {s['device']}; {s['images']} images of {s['data']}",
                  f"{'stage':<16} {'images/s':>9}  runs"]
         for stage, runs in self.runs.items():
-            lines.append(f"{STAGE_NAMES[stage]:<16} {max(runs):>9.1f}  {', '.join(f'{r:.1f}' for r in runs)}")
+            lines.append(f"{stage_name(stage):<16} {max(runs):>9.1f}  {', '.join(f'{r:.1f}' for r in runs)}")
         startup = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in self.startup.items())
         lines.append(f"bottleneck: {self.bottleneck}; efficiency {self.efficiency:.3f} (end to end / slower stage); "
                      f"startup {sum(self.startup.values()):.2f} s ({startup}, not timed)")
+        against = [f"{stage_name(stage)} {self.vs_fastest(stage):.3f}" for stage in ("end_to_end", "original") if stage in self.runs]
+        lines.append(f"against the fastest bare model ({self.fastest_precision}): {', '.join(against)}; "
+                     f"precision {s['precision']}: {s['precision_reason']}")
         return lines
 
     def metrics(self) -> dict:
-        extra = {"original_images_per_second": round(self.best("original"), 2)} if "original" in self.runs else {}
+        extra = {"original_images_per_second": round(self.best("original"), 2),
+                 "original_vs_fastest_model": round(self.vs_fastest("original"), 4)} if "original" in self.runs else {}
         return {
             "command": f"bench {self.what}",
             "loader_images_per_second": round(self.best("loader"), 2),
             "model_images_per_second": round(self.best("model"), 2),
             "end_to_end_images_per_second": round(self.best("end_to_end"), 2),
+            "fastest_model_precision": self.fastest_precision,
+            "fastest_model_images_per_second": round(self.best(self.fastest_model), 2),
+            "end_to_end_vs_fastest_model": round(self.vs_fastest("end_to_end"), 4),
             **extra,
+            "precision": self.settings["precision"],
+            "precision_reason": self.settings["precision_reason"],
             "bottleneck": self.bottleneck,
             "efficiency": round(self.efficiency, 4),
             "startup_seconds": round(sum(self.startup.values()), 3),
@@ -143,6 +188,8 @@ def machine_info(device: torch.device) -> dict:
     return {
         "cpu_model": names[0] if names else platform.processor(),
         "cpu_cores": os.cpu_count(),
+        "cpu_capability": cpu_capability(),
+        "bf16_native": cpu_bf16_native() if device.type == "cpu" else cuda_bf16_supported(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
@@ -233,10 +280,16 @@ class CacheBench:
         self.opts, self.root, self.device, self.tmp = opts, root, device, tmp
         self.split, self.classes = dataset.splits["train"], len(dataset.classes)
         self.loader, self.batch_size = resolve_loader(opts.loader), opts.batch(device)
-        self.dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
+        self.precision = choose_precision(device, opts.amp, opts.amp_dtype)
+        self.dtype = self.precision.dtype
         self.backbone = opts.build()
         self.pre = self.backbone.spec.pre
-        self.extractor = FeatureExtractor(self.backbone.model, device, self.dtype, opts.channels_last, opts.compile)
+        compile = compile_wanted(opts.compile, len(self.split), device)
+        self.extractor = FeatureExtractor(self.backbone.model, device, self.dtype, opts.channels_last, compile)
+
+    @property
+    def compiled(self) -> bool:
+        return self.extractor.forward.compiled
 
     def warm_up(self) -> None:
         """One full and one tail batch through each stage: every shape the timed runs meet."""
@@ -247,12 +300,18 @@ class CacheBench:
     def loader_only(self) -> int:
         return sum(len(batch) for batch in eval_batches(self.split, self.loader, self.pre, self.batch_size, self.device))
 
-    def model(self, images: int | None = None) -> int:
-        images = images or len(self.split)
-        features = (self.extractor(self.first[:n]) for n in batch_sizes(images, self.batch_size))
+    def model(self, images: int | None = None, extractor: FeatureExtractor | None = None) -> int:
+        images, extractor = images or len(self.split), extractor or self.extractor
+        features = (extractor(self.first[:n]) for n in batch_sizes(images, self.batch_size))
         for _ in host_arrays(features, self.device):  # the features reach the host, as in `build_cache`
             pass
         return images
+
+    def other_model(self, dtype: torch.dtype | None) -> Callable[[int | None], int]:
+        """The bare forward at another precision (eager), warmed up."""
+        extractor = FeatureExtractor(self.backbone.model, self.device, dtype, self.opts.channels_last)
+        self.model(min(len(self.split), self.batch_size + len(self.split) % self.batch_size), extractor)
+        return lambda images=None: self.model(images, extractor)
 
     def end_to_end(self, images: int | None = None) -> float:
         result = build_cache(CacheOptions(
@@ -288,9 +347,14 @@ class FinetuneBench:
             progress=False,
         )
         self.order = epoch_order(len(self.split), opts.seed, 0, self.batch_size)
-        self.trainer = Trainer(self.options, list(dataset.classes), -(-len(self.order) // self.batch_size), device=device)
+        self.classes, self.steps = list(dataset.classes), -(-len(self.order) // self.batch_size)
+        self.trainer = Trainer(self.options, self.classes, self.steps, device=device)
         self.pre, self.aug = self.trainer.spec.pre, augmentation(self.options)
-        self.dtype = self.trainer.dtype
+        self.precision, self.dtype = self.trainer.precision, self.trainer.dtype
+
+    @property
+    def compiled(self) -> bool:
+        return self.trainer.forward.compiled
 
     def batches(self, order: np.ndarray) -> Iterator[torch.Tensor]:
         return train_batches(self.split, self.loader, self.pre, self.aug, self.batch_size, self.device, order, 0)
@@ -303,13 +367,20 @@ class FinetuneBench:
     def loader_only(self) -> int:
         return sum(len(batch) for batch in self.batches(self.order))
 
-    def model(self, images: int | None = None) -> int:
-        images = images or len(self.order)
-        self.trainer.train_mode()
+    def model(self, images: int | None = None, trainer: Trainer | None = None) -> int:
+        images, trainer = images or len(self.order), trainer or self.trainer
+        trainer.train_mode()
         for n in batch_sizes(images, self.batch_size):
-            loss, _ = self.trainer.step(self.first[:n], self.labels[:n])
+            loss, _ = trainer.step(self.first[:n], self.labels[:n])
         loss.item()
         return images
+
+    def other_model(self, dtype: torch.dtype | None) -> Callable[[int | None], int]:
+        """The bare training step of a second model at another precision (eager), warmed up."""
+        options = replace(self.options, amp=dtype is not None, amp_dtype=dtype and precision_name(dtype), compile=False)
+        trainer = Trainer(options, self.classes, self.steps, device=self.device)
+        self.model(min(len(self.order), 2 * self.batch_size), trainer)
+        return lambda images=None: self.model(images, trainer)
 
     def end_to_end(self) -> float:
         _, _, images, seconds = train_epoch(self.trainer, self.split, self.loader, self.aug)
@@ -362,8 +433,11 @@ def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None
         bench = BENCH_CLASSES[opts.what](opts, root, dataset, device, Path(tmp))
         built = time.perf_counter()
         bench.warm_up()
+        others = {OTHER_MODEL + precision_name(dtype): bench.other_model(dtype)
+                  for dtype in native_dtypes(device) if dtype != bench.dtype}
         startup = {"model_build": built - start, "warm_up": time.perf_counter() - built}
         stages = {"loader": lambda: timed(device, bench.loader_only), "model": lambda: timed(device, bench.model),
+                  **{stage: (lambda m=m: timed(device, m)) for stage, m in others.items()},
                   "end_to_end": bench.end_to_end}
         if opts.vs_original:
             stages["original"] = bench.original
@@ -371,13 +445,15 @@ def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None
         for repeat in range(opts.repeats):
             for stage, measure in stages.items():
                 runs[stage].append(measure())
-                log(f"  run {repeat + 1}: {STAGE_NAMES[stage]} {runs[stage][-1]:.1f} images/s")
+                log(f"  run {repeat + 1}: {stage_name(stage)} {runs[stage][-1]:.1f} images/s")
     settings = {
         "arch": opts.arch, "weights": opts.weights, "image_size": bench.pre.image_size, "resize": bench.pre.resize,
-        "interpolation": bench.pre.interpolation, "batch_size": bench.batch_size, "precision": precision_name(bench.dtype),
+        "interpolation": bench.pre.interpolation, "batch_size": bench.batch_size, "precision": bench.precision.name,
+        "precision_reason": bench.precision.reason,
         "loader": bench.loader, "device": str(device), "images": len(bench.split), "data": described,
         "dataset": opts.dataset,
-        "channels_last": opts.channels_last, "compile": opts.compile, "repeats": opts.repeats,
+        "channels_last": opts.channels_last, "compile": opts.compile, "compiled": bench.compiled, "repeats": opts.repeats,
+        "threads": {"torch": torch.get_num_threads(), "loader": loader_workers()},
         **({"original_batch_size": ORIGINAL_BATCH[opts.what], "original_workers": ORIGINAL_WORKERS}
            if opts.vs_original else {}),
     }

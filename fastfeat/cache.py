@@ -18,7 +18,7 @@ from .errors import FastfeatError, InputError
 from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
-from .runtime import amp_dtype, host_arrays, precision_name
+from .runtime import choose_precision, compile_wanted, host_arrays
 from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import Preprocess
@@ -66,6 +66,8 @@ class CacheResult:
     rows: dict[str, int] = field(default_factory=dict)
     ranks: int = 1
     views: int = 0  # extra view features computed (flips and augmented views), beside `images` center crops
+    precision_reason: str = ""
+    compiled: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -82,6 +84,8 @@ class CacheResult:
             "loader": self.loader,
             "device": self.device,
             "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "compiled": self.compiled,
             "ranks": self.ranks,
             "out": str(self.out),
         }
@@ -137,12 +141,14 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     if out.exists() and not opts.overwrite:
         raise InputError(f"{out} already exists (pass --overwrite to replace it)")
     loader = resolve_loader(opts.loader)
-    dtype = amp_dtype(device, opts.amp, opts.amp_dtype)
+    chosen = choose_precision(device, opts.amp, opts.amp_dtype)
     backbone = backbone or opts.build()
-    spec, pre = backbone.spec.with_precision(precision_name(dtype)), backbone.spec.pre
-    extractor = extractor or FeatureExtractor(backbone.model, device, dtype, opts.channels_last, opts.compile)
-    attrs = cache_attrs(dataset, spec, opts.batch(device), opts.limit, opts.seed, plan)
+    spec, pre = backbone.spec.with_precision(chosen.name), backbone.spec.pre
     rows = {name: len(split) for name, split in dataset.splits.items()}
+    compile = compile_wanted(opts.compile, sum(rows.values()), device)
+    extractor = extractor or FeatureExtractor(backbone.model, device, chosen.dtype, opts.channels_last, compile)
+    attrs = {**cache_attrs(dataset, spec, opts.batch(device), opts.limit, opts.seed, plan),
+             "precision_reason": chosen.reason}
     shards = {name: shard_range(n, world) for name, n in rows.items()}
     target = shard_path(out, world.rank, world.size) if world.distributed else out
     start_time, images, views, failure = time.perf_counter(), 0, 0, None
@@ -165,7 +171,8 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     barrier(world)
     seconds = time.perf_counter() - start_time
     size = out.stat().st_size if out.exists() else 0
-    return CacheResult(out, images, seconds, loader, str(device), precision_name(dtype), size, rows, world.size, views)
+    return CacheResult(out, images, seconds, loader, str(device), chosen.name, size, rows, world.size, views,
+                       chosen.reason, extractor.forward.compiled)
 
 
 def source_files(dataset: Dataset, row_ranges: dict[str, tuple[int, int]]) -> dict[str, list[str]]:

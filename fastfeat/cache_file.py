@@ -318,7 +318,8 @@ def describe_cache(path: str | Path) -> dict:
                   for name, group in f.items()}
     return {"kind": "cache", "complete": bool(attrs.get("complete")),
             "spec": FeatureSpec.from_attrs(attrs, str(path)).to_attrs(), "classes": json.loads(attrs["classes"]),
-            "splits": splits, **{key: attrs.get(key) for key in ("dataset", "dataset_path", "created", "fastfeat_version")}}
+            "splits": splits, **{key: attrs.get(key) for key in ("precision_reason", "dataset", "dataset_path", "created",
+                                                       "fastfeat_version")}}
 
 
 def _describe_views(group: h5py.Group) -> dict:

@@ -36,7 +36,7 @@ from .model_files import (
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .plots import require_matplotlib
 from .reporting import epoch_line, progress
-from .runtime import amp_dtype, autocast, precision_name, resolve_device
+from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, resolve_device
 from .sources import Split, open_dataset, stratified_holdout
 from .spec import FeatureSpec
 from .transforms import AUGMENT_PRESETS, Augment
@@ -104,6 +104,8 @@ class FinetuneResult:
     val: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     best_test: dict = field(default_factory=dict)
+    precision_reason: str = ""
+    compiled: bool = False
 
     @property
     def best_valid_acc(self) -> float:
@@ -128,6 +130,8 @@ class FinetuneResult:
             "loader": self.loader,
             "device": self.device,
             "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "compiled": self.compiled,
             "ranks": self.ranks,
         }
 
@@ -250,10 +254,11 @@ class Trainer:
                  device: torch.device | None = None):
         self.opts, self.world = opts, world
         self.device = device or resolve_device(opts.device)
-        self.dtype = amp_dtype(self.device, opts.amp, opts.amp_dtype)
+        self.precision = choose_precision(self.device, opts.amp, opts.amp_dtype)
+        self.dtype = self.precision.dtype
         self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
         model, spec, self.head_path = build_classifier(opts, classes)
-        self.spec = spec.with_precision(precision_name(self.dtype))
+        self.spec = spec.with_precision(self.precision.name)
         frozen = frozen_parameters(model, opts.arch, opts.freeze, self.head_path)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name not in frozen)
@@ -263,7 +268,8 @@ class Trainer:
         wrapped = self.model
         if world.distributed:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(wrapped) if opts.compile else wrapped
+        images = steps_per_epoch * opts.batch_size * world.size * opts.epochs
+        self.forward = CompiledOrEager(wrapped, compile_wanted(opts.compile, images, self.device))
         self.optimizer = make_optimizer(self.model, self.head_path, opts)
         self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
         self.head_only = warmup_steps(opts, steps_per_epoch) if opts.init_head else 0  # the first steps
@@ -437,8 +443,9 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     if val_logits is None:  # a resumed run that had nothing left to train
         (val_logits,) = trainer.logits([trainer.forward], val, loader)
     test_logits, last_test, best_test = _test_once(trainer, test, loader, best)
-    result = FinetuneResult(last, best, trainer.history, loader, str(device), precision_name(trainer.dtype), world.size,
-                            validation, report(val_logits, val_labels), last_test, best_test)
+    result = FinetuneResult(last, best, trainer.history, loader, str(device), trainer.precision.name, world.size,
+                            validation, report(val_logits, val_labels), last_test, best_test,
+                            trainer.precision.reason, trainer.forward.compiled)
     if world.is_main:
         files = None if test.files is None else [str(Path(f).relative_to(dataset.root)) for f in test.files]
         write_reports(opts.predictions, opts.plot, test_logits.softmax(1).cpu(), torch.from_numpy(test.labels),

@@ -67,7 +67,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] in (bool, bool | None):  # None: decided later (e.g. by what a file holds)
+        # None: decided later (e.g. by what a file holds); str: "auto" (--compile)
+        if hints[f.name] in (bool, bool | None, bool | str):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
             group.add_argument(flag, type=_parser_for(hints[f.name]), default=f.default, choices=meta["choices"],
@@ -132,12 +133,14 @@ class BackboneOptions:
 class RunOptions:
     device: str = option("auto", "auto, cpu, cuda or cuda:N", group="device and precision")
     batch_size: int = option(128, "images per batch (per rank under torchrun)", group="device and precision")
-    amp: bool = option(True, "mixed precision: bf16 on CPUs and bf16 GPUs, fp16 on older GPUs",
+    amp: bool = option(True, "mixed precision: the fastest this device runs natively (bf16 on CUDA GPUs with bf16 "
+                             "and on CPUs with native bf16 kernels, fp16 on older GPUs; fp32 where none)",
                        group="device and precision")
-    amp_dtype: str | None = option(None, "force the autocast dtype", choices=tuple(AMP_DTYPES),
-                                   group="device and precision")
+    amp_dtype: str | None = option(None, "force the autocast dtype, even where it is emulated (slow)",
+                                   choices=tuple(AMP_DTYPES), group="device and precision")
     channels_last: bool = option(True, "channels_last memory format", group="device and precision")
-    compile: bool = option(False, "torch.compile the model (inductor; BatchNorm folded when frozen)",
-                           group="device and precision")
+    compile: bool | str = option("auto", "torch.compile the model (inductor; BatchNorm folded when frozen); auto: "
+                                         "when the run has enough images to pay back the compile time",
+                                 group="device and precision")
     progress: bool = option(True, "progress bars (plain lines when stderr is not a terminal)",
                             group="device and precision")

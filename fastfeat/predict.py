@@ -17,7 +17,7 @@ from .model_files import (
     head_from_state,
     read_model_file,
 )
-from .runtime import amp_dtype, autocast, resolve_device
+from .runtime import autocast, choose_precision, resolve_device
 from .sources import open_dataset
 from .torch_loader import decode_file
 from .transforms import Preprocess, eval_transform, per_size
@@ -58,7 +58,8 @@ class Predictor:
 
     def __init__(self, classifier: Classifier, device: str = "auto", amp: bool = True, tta: bool = False):
         self.device = resolve_device(device)
-        self.dtype = amp_dtype(self.device, amp)
+        self.precision = choose_precision(self.device, amp)
+        self.dtype = self.precision.dtype
         self.classifier = classifier
         self.model = classifier.model.to(self.device)
         self.tta = tta

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterable, Iterator
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,17 +46,99 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def amp_dtype(device: torch.device, amp: bool, forced: str | None = None) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CPU and bf16-capable GPUs, fp16 on older GPUs; None = fp32."""
+@dataclass(frozen=True)
+class Precision:
+    """What the model runs in (`dtype` None = fp32), why, and whether this device runs it natively;
+    `notice`: the one line to show when the choice is not what was asked for or is slow here."""
+
+    dtype: torch.dtype | None
+    reason: str
+    native: bool = True
+    notice: str | None = None
+
+    @property
+    def name(self) -> str:
+        return precision_name(self.dtype)
+
+
+# Capability checks, one small function each, so tests can patch them.
+def cuda_bf16_supported() -> bool:
+    return torch.cuda.is_bf16_supported()
+
+
+def cpu_bf16_native() -> bool:
+    """oneDNN has native bf16 kernels here (avx512_bf16 or AMX); elsewhere bf16 autocast is emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_fp16_native() -> bool:
+    """oneDNN has native fp16 kernels here (avx512_fp16 or AMX-FP16)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@functools.cache
+def cpu_fp16_faster() -> bool:
+    """Native fp16 kernels are not always faster than fp32: time a small convolution both ways, once."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    images = torch.randn(16, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+
+    def seconds(dtype: torch.dtype | None) -> float:
+        with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+            conv(images)  # oneDNN builds its primitive on the first call
+            start = time.perf_counter()
+            for _ in range(3):
+                conv(images)
+        return time.perf_counter() - start
+
+    return seconds(torch.float16) < seconds(None)
+
+
+def precision(device: torch.device, amp: bool, forced: str | None = None) -> Precision:
+    """The one precision policy: with `amp`, the fastest mixed precision this device runs natively
+    (fp32 where there is none); `forced` (--amp-dtype) is obeyed even where it is emulated."""
     if not amp:
-        return None
+        return Precision(None, "--no-amp")
     if forced is not None:
-        if forced not in AMP_DTYPES:
-            raise InputError(f"unknown --amp-dtype {forced!r}: choose bfloat16 or float16")
-        return AMP_DTYPES[forced]
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+        return _forced(device, forced)
+    if device.type == "cuda":
+        if cuda_bf16_supported():
+            return Precision(torch.bfloat16, "CUDA GPU with bf16")
+        return Precision(torch.float16, "CUDA GPU without bf16: fp16 with the gradient scaler")
+    if cpu_bf16_native():
+        return Precision(torch.bfloat16, f"CPU with native bf16 kernels ({cpu_capability()})")
+    if cpu_fp16_native() and cpu_fp16_faster():
+        return Precision(torch.float16, f"CPU with native fp16 kernels, faster than fp32 ({cpu_capability()})")
+    reason = f"CPU without native bf16 or fp16 kernels ({cpu_capability()})"
+    return Precision(None, reason, notice=f"info: --amp runs in float32 here: {reason}, where mixed precision is emulated")
+
+
+def _forced(device: torch.device, forced: str) -> Precision:
+    if forced not in AMP_DTYPES:
+        raise InputError(f"unknown --amp-dtype {forced!r}: choose {' or '.join(AMP_DTYPES)}")
+    dtype = AMP_DTYPES[forced]
+    if device.type == "cuda":
+        native = dtype == torch.float16 or cuda_bf16_supported()
+    else:
+        native = cpu_bf16_native() if dtype == torch.bfloat16 else cpu_fp16_native()
+    notice = None if native else (f"info: --amp-dtype {forced} is emulated on this {device.type} "
+                                  f"({cpu_capability() if device.type == 'cpu' else 'GPU'}): slow here")
+    return Precision(dtype, f"--amp-dtype {forced}" + ("" if native else " (emulated)"), native, notice)
+
+
+_NOTICES: set[str] = set()
+
+
+def choose_precision(device: torch.device, amp: bool, forced: str | None = None) -> Precision:
+    """`precision(...)`, with its notice printed once per process (not once per batch or per model)."""
+    chosen = precision(device, amp, forced)
+    if chosen.notice and chosen.notice not in _NOTICES:
+        _NOTICES.add(chosen.notice)
+        print(f"fastfeat: {chosen.notice}", file=sys.stderr)
+    return chosen
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -91,3 +177,51 @@ def host_arrays(tensors: Iterable[torch.Tensor], device: torch.device) -> Iterat
     if pending is not None:
         pending[1].synchronize()
         yield pending[0].numpy()
+
+
+# --compile auto: compile once the run has this many images. Inductor's compile costs about as much as eager
+# inference of this many images gains on a small CPU (docs/precision.md has the measurement); a GPU's eager
+# pass is so much faster that only very long runs pay back the same compile time.
+AUTO_COMPILE_IMAGES = {"cpu": 10_000, "cuda": 500_000}
+
+
+def compile_wanted(setting: bool | str, images: int, device: torch.device) -> bool:
+    """`--compile` / `--no-compile` force it; `auto` compiles when the run is long enough to pay back."""
+    if setting == "auto":
+        return images >= AUTO_COMPILE_IMAGES[device.type]
+    return bool(setting)
+
+
+class CompiledOrEager:
+    """`torch.compile(model)` where `enabled`, falling back to the eager model, with one line, when
+    compiling fails (no C++ compiler, an unsupported model): at wrapping or at any call."""
+
+    def __init__(self, model: Callable, enabled: bool, options: dict | None = None):
+        self.eager, self.run = model, model
+        if enabled:
+            try:
+                self.run = torch.compile(model, options=options)
+            except Exception as exc:  # noqa: BLE001 - any failure to compile means: run eagerly
+                self._fall_back(exc)
+
+    @property
+    def compiled(self) -> bool:
+        return self.run is not self.eager
+
+    def _fall_back(self, exc: Exception) -> None:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"fastfeat: info: torch.compile failed ({type(exc).__name__}: {first}); running eagerly", file=sys.stderr)
+        self.run = self.eager
+
+    def __getattr__(self, name: str):
+        """The model's own attributes (`eval()`, `train()`, ...): the compiled model shares its modules."""
+        return getattr(self.eager, name)
+
+    def __call__(self, *args, **kwargs):
+        if not self.compiled:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.run(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._fall_back(exc)
+            return self.eager(*args, **kwargs)

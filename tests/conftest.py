@@ -15,6 +15,7 @@ from PIL import Image
 from fastfeat.cache import cache_attrs
 from fastfeat.cache_file import CacheWriter
 from fastfeat.cli import main
+from fastfeat.runtime import precision
 from fastfeat.sources import Dataset
 from fastfeat.spec import FeatureSpec
 from fastfeat.synthetic import write_sample
@@ -22,6 +23,8 @@ from fastfeat.transforms import Preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the probe reference lives there
 
+# what `--amp` (the default) runs in on this machine's CPU: the precision policy's choice, native here
+CPU_AMP = precision(torch.device("cpu"), True)
 REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The generated sample: 1,000 train and 500 test images (every fourth file a PNG), small enough to

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms as T
-from conftest import MEAN, STD, interrupt_cache
+from conftest import CPU_AMP, MEAN, STD, interrupt_cache
 from PIL import Image
 
 from fastfeat import CacheOptions, InputError, build_cache, open_dataset, read_cache
@@ -132,7 +132,12 @@ def test_cache_is_self_describing(sample, weights_file, tmp_path):
     assert a["complete"] is True and a["arch"] == "resnet18" and a["fastfeat_version"] and a["feature_dim"] == 512
     assert a["weights"] == "file:resnet18.pth" and a["weights_sha256"] == spec.weights_sha256
     assert a["interpolation"] == "bilinear"
-    assert (a["image_size"], a["resize"], a["amp_dtype"], a["dataset"]) == (64, 73, "bfloat16", "cifar10")
+    assert (a["image_size"], a["resize"], a["amp_dtype"], a["dataset"]) == (64, 73, CPU_AMP.name, "cifar10")
+    assert a["precision_reason"] == CPU_AMP.reason
+    # the default is a precision this machine runs natively (checked against oneDNN directly, not the policy)
+    native = {"float32": True, "bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+              "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+    assert native[a["amp_dtype"]]
     assert np.allclose(a["mean"], MEAN) and np.allclose(a["std"], STD)
     assert json.loads(a["classes"])[:2] == ["airplane", "automobile"]
     assert json.loads(a["rows"]) == {"train": 40, "test": 40} and a["created"]
@@ -325,9 +330,10 @@ def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     assert "cached 40 images" in proc.stdout and "img/s" in proc.stderr  # summary + tqdm bars
     m = json.loads(metrics.read_text())
     assert set(m) == {"command", "images", "views", "backbone_images", "seconds", "images_per_second", "loader", "device",
-                      "precision", "ranks", "out"}
+                      "precision", "precision_reason", "compiled", "ranks", "out"}
     assert m["views"] == 0 and m["backbone_images"] == 40  # no --tta, no --views: the center crops alone
-    assert m["images"] == 40 and m["out"] == str(out) and m["precision"] == "bfloat16" and m["device"] == "cpu"
+    assert m["images"] == 40 and m["out"] == str(out) and m["precision"] == CPU_AMP.name and m["device"] == "cpu"
+    assert m["compiled"] is False  # --compile auto: 40 images are far too few to pay back a compile
 
 
 @pytest.mark.parametrize("loader", LOADERS)

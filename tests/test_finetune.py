@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import MEAN, STD
+from conftest import CPU_AMP, MEAN, STD
 
 from fastfeat.cli import main
 from fastfeat.errors import InputError
@@ -15,6 +15,7 @@ from fastfeat.finetune import FinetuneOptions, Trainer, finetune
 from fastfeat.loaders import dali_available, eval_batches, train_batches
 from fastfeat.model_files import read_checkpoint
 from fastfeat.predict import Predictor, load_classifier
+from fastfeat.runtime import autocast
 from fastfeat.sources import Split, open_dataset
 from fastfeat.transforms import Augment, Preprocess
 
@@ -110,8 +111,8 @@ def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp
     assert len(lines) == 4 and all(__import__("re").fullmatch(pattern, line) for line in lines), lines
 
 
-@pytest.mark.parametrize("amp, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_amp_uses_bf16_autocast_on_cpu(learnable, tmp_path, amp, expected):
+@pytest.mark.parametrize("amp, expected", [(True, CPU_AMP.dtype or torch.float32), (False, torch.float32)])
+def test_amp_uses_the_policys_autocast_on_cpu(learnable, tmp_path, amp, expected):
     trainer = Trainer(options(learnable, tmp_path, amp=amp), ["dark", "bright"], 1)
     seen = []
     trainer.model.layer3[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -160,7 +161,7 @@ def test_predict_agrees_with_the_model(learnable, tmp_path, capsys):
     classifier = load_classifier(result.best)
     predictor = Predictor(classifier, "cpu")
     test = open_dataset(learnable, splits=("test",)).splits["test"]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(torch.device("cpu"), predictor.dtype):
         images = torch.cat(list(eval_batches(test, "torch", PRE, 64, torch.device("cpu"))))
         expected = classifier.model(images).float().argmax(1)
     accuracy, n = predictor.accuracy(str(learnable), loader="torch")

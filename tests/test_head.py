@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import separable, write_cache
+from conftest import CPU_AMP, separable, write_cache
 from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
@@ -134,7 +134,7 @@ def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
     assert (logits.argmax(1) == test_y).float().mean().item() == result.test["top1"]
     assert loaded_classes == classes and len(classes) == 10
     assert head_spec == spec and spec == FeatureSpec.from_attrs(read_cache(sample_cache).attrs)
-    assert (spec.arch, spec.feature_dim, spec.pre.image_size, spec.pre.resize, spec.amp_dtype) == ("resnet18", 512, 64, 73, "bfloat16")
+    assert (spec.arch, spec.feature_dim, spec.pre.image_size, spec.pre.resize, spec.amp_dtype) == ("resnet18", 512, 64, 73, CPU_AMP.name)
 
 
 def test_head_initialises_finetune_and_predicts_images(sample, sample_cache, weights_file, tmp_path):

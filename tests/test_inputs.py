@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_cifar, make_folder, run, separable, write_cache
+from conftest import CPU_AMP, make_cifar, make_folder, run, separable, write_cache
 
 from fastfeat.backbone import build_backbone
 from fastfeat.errors import FastfeatError, InputError
@@ -165,7 +165,8 @@ def test_finetune_resume_without_a_checkpoint_says_so_and_metrics_describe_the_r
     assert code == 0, err
     assert f"no checkpoint at {tmp_path / 'ck' / 'last.pt'} to resume: starting a new run" in out
     m = json.loads(metrics.read_text())
-    assert (m["device"], m["precision"], m["loader"], m["ranks"]) == ("cpu", "bfloat16", "torch", 1)
+    assert (m["device"], m["precision"], m["loader"], m["ranks"]) == ("cpu", CPU_AMP.name, "torch", 1)
+    assert m["precision_reason"] == CPU_AMP.reason
 
 
 BLOCK_NVIDIA = "import sys; sys.modules['nvidia'] = None; from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
