@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastfeat.head import evaluate, lbfgs_epoch, make_lbfgs, new_head
+from fastfeat.linear import evaluate, lbfgs_epoch, make_lbfgs, new_head
 from fastfeat.model_files import LinearHead
 from fastfeat.sources import stratified_holdout
 

@@ -15,7 +15,8 @@ from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
 from fastfeat.finetune import FinetuneOptions, build_classifier
-from fastfeat.head import HeadOptions, fit_head, holdout, load_features, train_head
+from fastfeat.head import HeadOptions, holdout, load_features, train_head
+from fastfeat.linear import fit_head
 from fastfeat.model_files import load_head
 from fastfeat.sources import stratified_holdout
 from fastfeat.transforms import Preprocess
@@ -188,15 +189,16 @@ def test_default_out_metrics_and_no_standardize(toy_cache):
 def test_validation_is_a_stratified_holdout_and_test_is_touched_once(toy_cache, monkeypatch):
     """Every epoch validates on rows held out of train (never on test); test is evaluated once, at the end."""
     import fastfeat.head as head_module
+    import fastfeat.linear as linear_module
 
     train_y = read_cache(toy_cache).labels["train"]
     fit, val = stratified_holdout(train_y, 0.1, seed=0)
     assert not set(fit) & set(val) and len(fit) + len(val) == len(train_y)
     assert np.allclose(np.bincount(train_y[val]) / np.bincount(train_y), 0.1, atol=0.01)  # stratified
     seen = []
-    real_evaluate = head_module.evaluate
+    real_evaluate = linear_module.evaluate
     real_report = head_module.test_report
-    monkeypatch.setattr(head_module, "evaluate", lambda model, x, y: seen.append(len(y)) or real_evaluate(model, x, y))
+    monkeypatch.setattr(linear_module, "evaluate", lambda model, x, y: seen.append(len(y)) or real_evaluate(model, x, y))
     monkeypatch.setattr(head_module, "test_report", lambda model, x, y: seen.append(len(y)) or real_report(model, x, y))
     result = train_head(quiet(toy_cache, epochs=3), log=lambda line: None)
     assert seen == [len(val)] * 3 + [500]  # three epochs on the holdout, then the 500 test rows once

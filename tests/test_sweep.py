@@ -10,7 +10,9 @@ import torch
 from conftest import run, separable, write_cache
 from probe_reference import fit_sklearn_reference
 
-from fastfeat.head import HeadOptions, SweepHeads, fit_head, holdout, load_features, sweep_fit, train_head
+from fastfeat.head import HeadOptions, holdout, load_features, train_head
+from fastfeat.linear import fit_head
+from fastfeat.sweep import SweepHeads, sweep_fit
 from fastfeat.model_files import load_head
 
 
@@ -97,9 +99,10 @@ def test_best_is_chosen_on_validation_with_ties_to_the_larger_weight_decay():
 
 def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched_once(noisy_cache, monkeypatch, tmp_path):
     import fastfeat.head as head_module
+    import fastfeat.linear as linear_module
 
     calls = {"sweep": [], "refit": [], "evaluate": []}
-    real_sweep, real_refit, real_evaluate = head_module.sweep_fit, head_module.refit_head, head_module.evaluate
+    real_sweep, real_refit, real_evaluate = head_module.sweep_fit, head_module.refit_head, linear_module.evaluate
 
     def sweep_spy(x, y, val_x, val_y, k, lrs, wds, opts, log, *views):
         calls["sweep"].append((len(y), len(val_y)))
@@ -115,7 +118,7 @@ def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched
     monkeypatch.setattr(head_module, "sweep_fit", sweep_spy)
     monkeypatch.setattr(head_module, "refit_head", refit_spy)
     real_report = head_module.test_report
-    monkeypatch.setattr(head_module, "evaluate", lambda m, x, y: calls["evaluate"].append(len(y)) or real_evaluate(m, x, y))
+    monkeypatch.setattr(linear_module, "evaluate", lambda m, x, y: calls["evaluate"].append(len(y)) or real_evaluate(m, x, y))
     monkeypatch.setattr(head_module, "test_report", lambda m, x, y: calls["evaluate"].append(len(y)) or real_report(m, x, y))
     out = tmp_path / "best.head.pt"
     result = train_head(quiet(noisy_cache, sweep=True, epochs=3, lrs=(0.05, 0.2, 1.0), weight_decays=(1e-3, 1e-2),
