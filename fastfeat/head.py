@@ -26,9 +26,9 @@ from .model_files import LinearHead, save_head
 from .options import option
 from .plots import require_matplotlib
 from .runtime import resolve_device
-from .sources import stratified_holdout
 from .spec import FeatureSpec
 from .sweep import SWEEP_L2_ROWS, SWEEP_LRS, sweep_fit, sweep_grid, sweep_table  # noqa: F401 (sweep_table: the CLI's)
+from .validation import ValidationPlan
 from .views import VIEW_POLICIES, HeadViews, ViewSampler, load_views
 
 
@@ -84,10 +84,15 @@ class HeadResult:
     device: str
     options: dict
     history: list[dict] = field(default_factory=list)
-    validation: str = "holdout"  # "holdout": rows held out of train; "val": the cache's val split; "test": the recipe's
+    plan: ValidationPlan = field(default_factory=ValidationPlan)
     test: dict = field(default_factory=dict)
     sweep: dict | None = None  # --sweep: the grid, its validation accuracies and the chosen setting
     views: dict = field(default_factory=dict)  # the views policy, each train view's rows read, the TTA
+
+    @property
+    def validation(self) -> str:
+        """What validated: "holdout" (rows held out of train), "val" (the cache's val split) or "test"."""
+        return self.plan.kind
 
     @property
     def best_valid_acc(self) -> float:
@@ -168,15 +173,19 @@ class Fitted:
     sweep: dict | None = None
 
 
-def run(opts: HeadOptions, log: Callable[[str], None], fit: Callable[[HeadOptions, HeadData, Callable[[str], None]], Fitted]) -> HeadResult:
+Fitter = Callable[[HeadOptions, HeadData, Callable[[str], None]], Fitted]
+
+
+def run(opts: HeadOptions, log: Callable[[str], None], fit: Fitter) -> HeadResult:
     """The run around a fitter: load the cache, split off validation, fit (timed), test once, save, report."""
     out = Path(opts.out) if opts.out else default_out(opts.cache)
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
-    fit_x, fit_y, val_x, val_y, validation = validation_split(opts, device, train_x, train_y, test_x, test_y)
-    views, sampler, val_x = with_views(opts, device, train_y, fit_x, val_x, validation)
+    plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
+    fit_x, fit_y, val_x, val_y, rows = validation_split(plan, opts.cache, train_x, train_y, test_x, test_y)
+    views, sampler, val_x = with_views(opts, device, plan, rows, fit_x, val_x)
     data = HeadData(classes, train_x, train_y, fit_x, fit_y, val_x, val_y, test_x, test_y, views, sampler)
     start = time.perf_counter()
     fitted = fit(opts, data, log)
@@ -185,7 +194,7 @@ def run(opts: HeadOptions, log: Callable[[str], None], fit: Callable[[HeadOption
     test = test_report(model, test_in, test_y)
     options = asdict(fitted.options)
     save_head(out, fitted.head, classes, spec, options, opts.standardize)
-    result = HeadResult(out, seconds, str(device), options, fitted.history, validation, test, fitted.sweep,
+    result = HeadResult(out, seconds, str(device), options, fitted.history, plan, test, fitted.sweep,
                         views.report(fitted.sampler))
     write_reports(opts, result, model, test_in, test_y, classes)
     return result
@@ -224,18 +233,31 @@ def fit_sweep(opts: HeadOptions, data: HeadData, log: Callable[[str], None]) -> 
     return Fitted(head, history, chosen, sampler, grid)
 
 
-def validation_split(opts: HeadOptions, device: torch.device, train_x: torch.Tensor, train_y: torch.Tensor,
-                     test_x: torch.Tensor, test_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(fit_x, fit_y, val_x, val_y, kind): the cache's own val split when it has one (kind "val": a folder's
-    val/ beside test/; fit on all of train), else `holdout` (kind "holdout", or "test" at --val-fraction 0)."""
-    own = own_val_split(opts.cache, device)
-    if own is not None:
-        return train_x, train_y, *own, "val"
-    kind = "holdout" if opts.val_fraction > 0 else "test"
-    return (*holdout(train_x, train_y, test_x, test_y, opts.val_fraction, opts.seed), kind)
+def validation_plan(cache: str | Path, fraction: float, seed: int) -> ValidationPlan:
+    """Which rows of `cache` validate at --val-fraction `fraction` (its own val split first)."""
+    return ValidationPlan.choose("val" in cached_splits(cache), fraction, seed)
 
 
-def own_val_split(cache: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def validation_split(plan: ValidationPlan, cache: str | Path, train_x: torch.Tensor, train_y: torch.Tensor,
+                     test_x: torch.Tensor, test_y: torch.Tensor) -> tuple:
+    """(fit_x, fit_y, val_x, val_y, rows) as `plan` says: the cache's own val split (all of train fits), a
+    holdout of train (`rows`: its (fit, validation) train rows; None otherwise), or test."""
+    if plan.kind == "val":
+        return train_x, train_y, *own_val_split(cache, train_x.device), None
+    rows = holdout_rows(plan, train_y)
+    if rows is None:
+        return train_x, train_y, test_x, test_y, None
+    fit, val = rows
+    return train_x[fit], train_y[fit], train_x[val], train_y[val], rows
+
+
+def holdout_rows(plan: ValidationPlan, train_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The plan's (fit, validation) train rows on train_y's device; None when all of train fits."""
+    rows = plan.split(train_y.cpu().numpy())
+    return None if rows is None else tuple(torch.from_numpy(r).to(train_y.device) for r in rows)
+
+
+def own_val_split(cache: str | Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The features and labels of the cache's own val split, if it has one."""
     if "val" not in cached_splits(cache):
         return None
@@ -243,14 +265,14 @@ def own_val_split(cache: str, device: torch.device) -> tuple[torch.Tensor, torch
     return torch.from_numpy(data.features["val"]).to(device), torch.from_numpy(data.labels["val"]).to(device)
 
 
-def with_views(opts: HeadOptions, device: torch.device, train_y: torch.Tensor, fit_x: torch.Tensor,
-               val_x: torch.Tensor, validation: str) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
+def with_views(opts: HeadOptions, device: torch.device, plan: ValidationPlan, rows: tuple | None,
+               fit_x: torch.Tensor, val_x: torch.Tensor) -> tuple[HeadViews, ViewSampler | None, torch.Tensor]:
     """The cache's views as `opts` use them: the sampler of the fit rows' views, and the validation rows
-    (held-out train, the val split, or test) as evaluation takes them (with their flips under TTA)."""
-    views = load_views(opts.cache, device, opts.views_policy, opts.tta, validation)
-    if validation != "holdout":
-        return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.flips.get(validation))
-    fit, val = holdout_rows(train_y, opts.val_fraction, opts.seed)
+    (held-out train `rows`, the val split, or test) as evaluation takes them (with their flips under TTA)."""
+    views = load_views(opts.cache, device, opts.views_policy, opts.tta, plan.kind)
+    if rows is None:
+        return views, views.sampler(fit_x, None, opts.seed), views.evaluation_input(val_x, views.flips.get(plan.kind))
+    fit, val = rows
     return views, views.sampler(fit_x, fit, opts.seed), views.evaluation_input(val_x, views.flips.get("train"), val)
 
 
@@ -264,28 +286,6 @@ def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x
         files = split_files(opts.cache, "test") if opts.predictions else None
         evaluation.write_reports(opts.predictions, opts.plot, probabilities, test_y, classes, files, result.history,
                                  result.test, result.validation, result.sweep)
-
-
-def holdout(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-            fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fit_x, fit_y, val_x, val_y): a class-stratified, seeded `fraction` of train held out to validate
-    on; with fraction 0, all of train to fit and the test split to validate on (the recipe's protocol)."""
-    rows = holdout_rows(train_y, fraction, seed)
-    if rows is None:
-        return train_x, train_y, test_x, test_y
-    fit, val = rows
-    return train_x[fit], train_y[fit], train_x[val], train_y[val]
-
-
-def holdout_rows(train_y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (fit, validation) train rows of `holdout`; None with fraction 0."""
-    if fraction == 0:
-        return None
-    fit, val = (torch.from_numpy(rows).to(train_y.device)
-                for rows in stratified_holdout(train_y.cpu().numpy(), fraction, seed))
-    if len(val) == 0:
-        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train_y)}: raise it, or pass 0")
-    return fit, val
 
 
 def check_options(opts: HeadOptions) -> None:

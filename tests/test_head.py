@@ -15,11 +15,12 @@ from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
 from fastfeat.finetune import FinetuneOptions, build_classifier
-from fastfeat.head import HeadOptions, holdout, load_features, train_head
+from fastfeat.head import HeadOptions, load_features, train_head, validation_split
 from fastfeat.linear import fit_head
 from fastfeat.model_files import load_head
 from fastfeat.sources import stratified_holdout
 from fastfeat.transforms import Preprocess
+from fastfeat.validation import ValidationPlan
 
 # The first lines the original recipe printed (its reference output), to check our format against.
 RECIPE_LINES = """\
@@ -126,7 +127,8 @@ def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
     result = train_head(opts, log=lambda line: None)
     spec, classes, tensors = load_features(sample_cache, torch.device("cpu"))
     test_x, test_y = tensors[2:]
-    trained, _ = fit_head(*holdout(*tensors, opts.val_fraction, opts.seed), len(classes), opts, log=lambda line: None)
+    trained, _ = fit_head(*validation_split(ValidationPlan(fraction=opts.val_fraction, seed=opts.seed), sample_cache, *tensors)[:4],
+                           len(classes), opts, log=lambda line: None)
     head, loaded_classes, head_spec = load_head(result.out)
     with torch.no_grad():
         logits = head(test_x)

@@ -10,10 +10,11 @@ import torch
 from conftest import run, separable, write_cache
 from probe_reference import fit_sklearn_reference
 
-from fastfeat.head import HeadOptions, holdout, load_features, train_head
+from fastfeat.head import HeadOptions, load_features, train_head, validation_split
 from fastfeat.linear import fit_head
-from fastfeat.sweep import SweepHeads, sweep_fit
 from fastfeat.model_files import load_head
+from fastfeat.sweep import SweepHeads, sweep_fit
+from fastfeat.validation import ValidationPlan
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def silent(line: str) -> None:
 def test_every_sweep_head_equals_the_setting_trained_alone(noisy_cache, extra, lrs):
     """Same seed, same shuffles, same schedule: the batched heads are the single-head sgd path's heads."""
     _, classes, (train_x, train_y, test_x, test_y) = load_features(noisy_cache, torch.device("cpu"))
-    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, 0.2, 0)
+    fit_x, fit_y, val_x, val_y = validation_split(ValidationPlan(fraction=0.2), noisy_cache, train_x, train_y, test_x, test_y)[:4]
     setting = {"epochs": 4, "batch_size": 64, "seed": 3, **extra}
     opts = quiet(noisy_cache, **setting)
     # (lr 1.5 with wd 3e-2 sits at the edge of stability: float32 rounding, not the method, then differs by 3e-4)
