@@ -29,8 +29,11 @@ Epoch 1. Train Loss: 1.222752, Train Acc: 0.576946, Valid Loss: 0.818926, Valid 
 Epoch 9. Train Loss: 1.118955, Train Acc: 0.609715, Valid Loss: 0.731084, Valid Acc: 0.751692, Time 00:04:13
 Epoch 19. Train Loss: 1.098069, Train Acc: 0.618027, Valid Loss: 0.705413, Valid Acc: 0.757962, Time 00:04:06
 """.splitlines()
-EPOCH_LINE = (r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, "
-              r"Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d")
+
+
+def skeleton(line: str) -> tuple[str, tuple[int, ...]]:
+    """A line's words and punctuation with every number as N, and the digits after each decimal point."""
+    return re.sub(r"\d+", "N", line), tuple(len(digits) for digits in re.findall(r"\.(\d+)", line))
 
 
 @pytest.fixture
@@ -71,8 +74,7 @@ def test_separable_problem_is_learned_and_lines_match_the_recipe(toy_cache):
     result = train_head(quiet(toy_cache), log=lines.append)
     assert result.final_valid_acc == 1.0 and result.history[-1]["train_acc"] == 1.0
     assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
-    assert all(re.fullmatch(EPOCH_LINE, line) for line in RECIPE_LINES)
-    assert len(lines) == 20 and all(re.fullmatch(EPOCH_LINE, line) for line in lines), lines[:2]
+    assert len(lines) == 20 and {skeleton(line) for line in lines} == {skeleton(line) for line in RECIPE_LINES}, lines[:2]
     assert lines[0].startswith("Epoch 0. ") and lines[-1].startswith("Epoch 19. ")
 
 
