@@ -158,7 +158,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     opts = from_args(FinetuneOptions, args)
     if opts.freeze == "help":
-        from .backbone import build_backbone, freeze_help
+        from .backbone import build_backbone
+        from .freezing import freeze_help
 
         print(freeze_help(build_backbone(opts.arch, "none", pre=opts.preprocess()).model, opts.arch))
         return
