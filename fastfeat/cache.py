@@ -19,7 +19,7 @@ from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import amp_dtype, host_arrays, precision_name
-from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
+from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset, rows_sha256
 from .spec import FeatureSpec
 from .transforms import Preprocess
 from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
@@ -113,6 +113,8 @@ def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int
         "batch_size": batch_size,
         "dataset": dataset.kind,
         "dataset_path": str(dataset.root.resolve()),
+        "dataset_source": dataset.source,  # what was read beside the root (list files, shards); "" for the root alone
+        "dataset_sha256": rows_sha256(dataset),  # every split's labels and files, in order: --resume sees a change
         "classes": json.dumps(list(dataset.classes)),
         "limit": limit or 0,  # 0: every row; else a class-balanced subset drawn with `seed`
         "seed": seed,
