@@ -89,7 +89,7 @@ def detect_kind(root: Path) -> str:
     detected = next((k.name for k in KINDS.values() if k.detect(root)), None)
     if detected is None:
         raise InputError(
-            f"{root} has none of the layouts fastfeat reads ({'; '.join(f'{k.name}: {k.layout}' for k in KINDS.values())}) "
+            f"{root} holds neither {' nor '.join(k.layout for k in KINDS.values())} "
             "(use --download for CIFAR-10, or --dataset to say which layout)"
         )
     return detected
