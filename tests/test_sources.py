@@ -139,3 +139,19 @@ def test_bad_file_lists_are_one_line(tmp_path, capsys, case, expected):
                             "--out", str(tmp_path / "c.h5"))
     assert code == 2 and len(err) == 1 and err[0].startswith("fastfeat cache: error: "), err
     assert re.search(expected, err[0]), err
+
+
+def test_resume_refuses_a_changed_list(tmp_path, monkeypatch):
+    from conftest import interrupt_cache
+    from fastfeat.errors import InputError
+
+    folder = make_folder(tmp_path / "f", sizes=((20, 20),), per_class=4)
+    for split in ("train", "test"):
+        write_list(folder, f"{split}.csv", split=split)
+    opts = CacheOptions(data=str(folder), dataset="list", out=str(tmp_path / "c.h5"), weights="none", image_size=32,
+                        resize=36, device="cpu", progress=False, loader="torch", amp=False, batch_size=2)
+    interrupt_cache(monkeypatch, lambda: build_cache(opts), lambda split, start: split == "train" and start == 2)
+    rows = (folder / "train.csv").read_text().splitlines()
+    (folder / "train.csv").write_text("\n".join([rows[0], rows[1].replace(",cat", ",dog"), *rows[2:]]) + "\n")
+    with pytest.raises(InputError, match="cannot resume .*different dataset_sha256"):
+        build_cache(CacheOptions(**{**opts.__dict__, "resume": True}))
