@@ -19,7 +19,7 @@ from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import amp_dtype, host_arrays, precision_name
-from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset, rows_sha256
+from .sources import Dataset, Split, open_dataset, rows_sha256
 from .spec import FeatureSpec
 from .transforms import Preprocess
 from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
@@ -88,8 +88,9 @@ class CacheResult:
 
 
 def default_cache_path(dataset: Dataset, arch: str) -> Path:
-    """data/<dataset>-<arch>.h5: caches of several backbones side by side."""
-    name = dataset.kind if dataset.kind in CIFAR_LAYOUTS else dataset.root.resolve().name
+    """data/<dataset>-<arch>.h5 (a folder's or list's own directory name, else the kind): caches of several
+    backbones side by side."""
+    name = dataset.root.resolve().name if dataset.kind in ("folder", "list") else dataset.kind
     return Path("data") / f"{name}-{arch.replace(':', '-')}.h5"
 
 

@@ -34,10 +34,11 @@ def write_list(folder, name: str = "train.csv", labels: str = "names", sep: str 
 
 
 def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):
-    assert DATASET_KINDS == ("auto", *KINDS) and {"cifar10", "cifar100", "folder", "list"} <= set(KINDS)
+    assert DATASET_KINDS == ("auto", *KINDS) and {"cifar10", "cifar100", "folder", "list", "mnist", "fashion_mnist", "dtd",
+                                                             "oxford_pets"} <= set(KINDS)
     from fastfeat.errors import InputError
 
-    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, folder, list"):
+    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, folder, list, mnist, "):
         open_dataset(tmp_path, "imagenet-x")
 
 
@@ -155,3 +156,83 @@ def test_resume_refuses_a_changed_list(tmp_path, monkeypatch):
     (folder / "train.csv").write_text("\n".join([rows[0], rows[1].replace(",cat", ",dog"), *rows[2:]]) + "\n")
     with pytest.raises(InputError, match="cannot resume .*different dataset_sha256"):
         build_cache(CacheOptions(**{**opts.__dict__, "resume": True}))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file: magic (0, 0, uint8, dims), big-endian sizes, the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("kind, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_layouts_read_as_3_channel_arrays(tmp_path, kind, folder):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    written = {}
+    for split, prefix, n in (("train", "train", 12), ("test", "t10k", 5)):
+        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        written[split] = images, labels
+    dataset = open_dataset(tmp_path, kind)
+    assert open_dataset(tmp_path).kind == kind and len(dataset.classes) == 10
+    assert dataset.classes[0] == ("0 - zero" if kind == "mnist" else "T-shirt/top")
+    for split, (images, labels) in written.items():
+        got = dataset.splits[split]
+        assert got.images.shape == (len(labels), 28, 28, 3) and got.images.dtype == np.uint8
+        for channel in range(3):
+            np.testing.assert_array_equal(got.images[..., channel], images)
+        np.testing.assert_array_equal(got.labels, labels)
+
+
+def test_dtd_keeps_its_own_val_split_and_oxford_pets_its_trainval(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    dtd = tmp_path / "dtd" / "dtd"
+    (dtd / "labels").mkdir(parents=True)
+    lists = {"train": ["banded/b_1.jpg", "dotted/d_1.jpg"], "val": ["dotted/d_2.jpg", "banded/b_2.jpg"],
+             "test": ["banded/b_3.jpg", "dotted/d_3.jpg"]}
+    for split, names in lists.items():
+        for name in names:
+            (dtd / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(dtd / "images" / name)
+        (dtd / "labels" / f"{split}1.txt").write_text("\n".join(names) + "\n")
+    dataset = open_dataset(tmp_path, "dtd", splits=None)
+    assert dataset.classes == ("banded", "dotted") and tuple(dataset.splits) == ("train", "val", "test")
+    for split, names in lists.items():
+        assert [str(Path(f).relative_to(dtd / "images")) for f in dataset.splits[split].files] == names
+        assert dataset.splits[split].labels.tolist() == [0 if n.startswith("banded") else 1 for n in names]
+
+    pets = tmp_path / "oxford-iiit-pet"
+    (pets / "annotations").mkdir(parents=True)
+    (pets / "images").mkdir()
+    rows = {"trainval": ["Abyssinian_1 1 1 1", "great_pyrenees_4 2 2 1"], "test": ["great_pyrenees_9 2 2 1"]}
+    for split, lines in rows.items():
+        (pets / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        for line in lines:
+            Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(pets / "images" / f"{line.split()[0]}.jpg")
+    pets_set = open_dataset(tmp_path, "oxford_pets")
+    assert pets_set.classes == ("Abyssinian", "Great Pyrenees")
+    assert pets_set.splits["train"].labels.tolist() == [0, 1] and pets_set.splits["test"].labels.tolist() == [1]
+    assert Path(pets_set.splits["test"].files[0]).name == "great_pyrenees_9.jpg"
+
+
+def test_a_missing_zoo_dataset_is_one_line(tmp_path, capsys):
+    code, err = cache_error(capsys, "--data", str(tmp_path), "--dataset", "dtd", "--out", str(tmp_path / "c.h5"))
+    assert code == 2 and len(err) == 1 and "not a readable DTD" in err[0] and "--download" in err[0], err
+
+
+def test_an_offline_download_is_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    code, err = cache_error(capsys, "--data", str(tmp_path / "m"), "--dataset", "mnist", "--download",
+                            "--out", str(tmp_path / "c.h5"))
+    assert code == 2 and len(err) == 1 and "could not download MNIST" in err[0] and "name resolution" in err[0], err

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from . import cifar, filelist, folder
+from . import cifar, filelist, folder, zoo
 from .base import (IMAGE_SUFFIXES, SPLITS, Dataset, SourceKind, Split, balanced_rows, checked_labels,
                    stratified_holdout, visible)
 from .cifar import CIFAR10, CIFAR_LAYOUTS, CifarLayout, download_cifar, read_cifar
 from .folder import FOLDER_SPLIT_DIRS, read_folder
 
-KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, folder.KIND, filelist.KIND)}
+KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, folder.KIND, filelist.KIND, *zoo.KINDS)}
 DATASET_KINDS = ("auto", *KINDS)
 
 __all__ = ["CIFAR10", "CIFAR_LAYOUTS", "DATASET_KINDS", "FOLDER_SPLIT_DIRS", "IMAGE_SUFFIXES", "KINDS", "SPLITS",
