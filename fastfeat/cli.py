@@ -36,11 +36,7 @@ def _metrics_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import BENCHES, BenchOptions
-    from .cache import CacheOptions
-    from .finetune import FinetuneOptions
-    from .head import HeadOptions
-    from .knn import KnnOptions
+    from .settings import BENCHES, BenchOptions, CacheOptions, FinetuneOptions, HeadOptions, KnnOptions
     from .sources import SPLITS
 
     parser = _Parser(prog="fastfeat", description=__doc__)

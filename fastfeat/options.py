@@ -9,14 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from typing import Any
-
-from .backbone import DEFAULT_ARCH, Backbone, build_backbone, preprocess_for
-from .loaders import LOADERS
-from .runtime import AMP_DTYPES
-from .sources import DATASET_KINDS
-from .transforms import INTERPOLATIONS, Preprocess
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, group: str = "options") -> Any:
@@ -86,58 +80,3 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, argparse.SUPPRESS) or action.help is None:
             return action.help or ""
         return super()._get_help_string(action)
-
-
-# ---- options shared by the commands that run a backbone over images ------------------------------------
-
-
-@dataclass
-class DataOptions:
-    data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, or train/ and test/ "
-                               "(or val/) class folders", group="data")
-    dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels)",
-                          choices=DATASET_KINDS, group="data")
-    download: bool = option(False, "download CIFAR-10 (CIFAR-100 with --dataset cifar100) into --data first",
-                            group="data")
-    limit: int | None = option(None, "at most N images per split: a class-balanced subset drawn with --seed, "
-                                     "kept in dataset order", group="data")
-    loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
-                         choices=LOADERS, group="data")
-
-
-@dataclass
-class BackboneOptions:
-    arch: str = option(DEFAULT_ARCH, "a torchvision classification model (see `fastfeat models`) or timm:NAME",
-                       group="backbone")
-    weights: str = option("DEFAULT", "DEFAULT (the arch's best ImageNet weights; `imagenet` is the same), a weights "
-                                     "name such as IMAGENET1K_V2, none (random from --seed) or FILE (a state dict)",
-                          group="backbone")
-    resize: int | None = option(None, "shorter side before the center crop (default: the weights' own)",
-                                group="backbone")
-    image_size: int | None = option(None, "center-crop size (default: the weights' own)", group="backbone")
-    interpolation: str | None = option(None, "resize filter (default: the weights' own)", choices=INTERPOLATIONS,
-                                       group="backbone")
-    seed: int = option(0, "random init for --weights none; the --limit subset; shuffles and augmentation",
-                       group="backbone")
-
-    def preprocess(self) -> Preprocess:
-        """The weights' own preprocessing with the --resize, --image-size and --interpolation given."""
-        return preprocess_for(self.arch, self.weights, self.resize, self.image_size, self.interpolation)
-
-    def build(self) -> Backbone:
-        return build_backbone(self.arch, self.weights, self.seed, self.preprocess())
-
-
-@dataclass
-class RunOptions:
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", group="device and precision")
-    batch_size: int = option(128, "images per batch (per rank under torchrun)", group="device and precision")
-    amp: bool = option(True, "mixed precision: bf16 on CPUs and bf16 GPUs, fp16 on older GPUs",
-                       group="device and precision")
-    amp_dtype: str | None = option(None, "force the autocast dtype", choices=tuple(AMP_DTYPES),
-                                   group="device and precision")
-    channels_last: bool = option(True, "channels_last memory format", group="device and precision")
-    compile: bool = option(False, "torch.compile the model (inductor; BatchNorm folded when frozen)",
-                           group="device and precision")
-    progress: bool = option(True, "progress bars (plain lines when stderr is not a terminal)",
-                            group="device and precision")
