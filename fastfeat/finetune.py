@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backbone import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
-from .errors import FastfeatError, InputError, check_number
+from .errors import FastfeatError, InputError
 from .evaluation import classification_report, write_reports
 from .loaders import eval_batches, resolve_loader, train_batches
 from .model_files import (
@@ -94,17 +94,6 @@ class FinetuneResult:
 
 def check_options(opts: FinetuneOptions) -> None:
     """One-line InputErrors for values no training could use, before any data or model is loaded."""
-    if opts.batch_size < 1 or opts.epochs < 1:
-        raise InputError("--batch-size and --epochs must be at least 1")
-    if opts.recompute_bn < 0:
-        raise InputError(f"--recompute-bn must be 0 (off) or a number of images, not {opts.recompute_bn}")
-    check_number("--lr", opts.lr, low_open=True)
-    for flag, value in (("--backbone-lr-scale", opts.backbone_lr_scale), ("--weight-decay", opts.weight_decay),
-                        ("--warmup-epochs", opts.warmup_epochs), ("--jitter", opts.jitter)):
-        check_number(flag, value)
-    if opts.label_smoothing is not None:
-        check_number("--label-smoothing", opts.label_smoothing, high=1.0)
-    check_number("--val-fraction", opts.val_fraction, high=1.0)
     augmentation(opts)
     if opts.plot:
         require_matplotlib()
