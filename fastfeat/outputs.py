@@ -34,6 +34,12 @@ def check_output(path: str | Path | None, flag: str, directory: bool = False) ->
         raise InputError(f"{flag} {path}: {target} is not writable")
 
 
+def check_reports(predictions: str | None, plot: str | None) -> None:
+    """The `--predictions` file and the `--plot` directory of a training run."""
+    check_output(predictions, "--predictions")
+    check_output(plot, "--plot", directory=True)
+
+
 def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
