@@ -66,7 +66,7 @@ class CacheWriter:
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
         self.attrs, self.split_files = file_attrs(attrs, split_rows, dtype), split_files or {}
-        self.rows_done = 0  # rows this run wrote: a failed run that wrote none leaves no .partial behind
+        self.rows_done, self.resumed = 0, False  # rows this run wrote: a failed run that wrote none leaves no .partial behind
         self.split_views = {split: views for split, views in (split_views or {}).items() if views}
         self.resumed = self.tmp.exists() and resume
         if self.resumed:
@@ -110,6 +110,8 @@ class CacheWriter:
             yield
         except (OSError, RuntimeError, ValueError) as exc:
             _close(self.file)
+            if not self.rows_done and not self.resumed:
+                self.tmp.unlink(missing_ok=True)  # nothing computed yet: nothing to keep
             raise FastfeatError(f"cannot write {self.tmp}: {_reason(exc)}" + (
                 "; free space and rerun with --resume to continue" if self.rows_done else "")) from None
 
@@ -282,7 +284,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "tes
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
         raise InputError(f"cache {path} does not exist{hint}")
     f, attrs = _open_cache(path)
-    with f:
+    with f, _reading(path):
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
         features, labels, files = {}, {}, {}
@@ -296,6 +298,9 @@ def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "tes
                 files[split] = f[split]["files"].asstr()[:].tolist()
             if features[split].ndim != 2 or len(features[split]) != len(labels[split]):
                 raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
+            _check_labels(path, split, labels[split], len(json.loads(attrs["classes"])))
+            if split in files and len(files[split]) != len(labels[split]):
+                raise InputError(f"{path}: {split}/files has {len(files[split])} rows, {split}/labels {len(labels[split])}")
             recorded = attrs.get("feature_dim", features[split].shape[1])
             if features[split].shape[1] != recorded:
                 raise InputError(f"{path}: {split} features are {features[split].shape[1]}-d, the cache records {recorded}")
@@ -309,7 +314,7 @@ def read_views(path: str | Path, splits: tuple[str, ...]) -> dict[str, tuple[np.
     """Only the extra views of those of `splits` that have them (see `read_cache`), for a reader that
     has the features already."""
     f, _ = _open_cache(Path(path))
-    with f:
+    with f, _reading(Path(path)):
         found = {split: _read_views(Path(path), f[split], split, f[split]["features"].shape)
                  for split in splits if split in f}
     return {split: (views, names) for split, (views, names) in found.items() if views is not None}
@@ -343,6 +348,24 @@ def split_files(path: str | Path, split: str) -> list[str] | None:
         return f[split]["files"].asstr()[:].tolist() if split in f and "files" in f[split] else None
 
 
+def _check_labels(path: Path, split: str, labels: np.ndarray, classes: int) -> None:
+    """Labels are one integer per row in [0, classes): anything else would index past the head's outputs."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: {split}/labels must be 1-d integers, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise InputError(f"{path}: {split}/labels hold {labels.min()}..{labels.max()}, outside 0..{classes - 1} "
+                         f"(the cache's {classes} classes)")
+
+
+@contextmanager
+def _reading(path: Path):
+    """HDF5 read errors (a damaged file) as one line."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise InputError(f"{path} is damaged ({str(exc).splitlines()[0]}): re-create it with fastfeat cache") from None
+
+
 def _open_cache(path: Path) -> tuple[h5py.File, dict]:
     """The open file and its attributes as plain values, or a one-line error if it is no fastfeat cache."""
     try:
@@ -353,6 +376,13 @@ def _open_cache(path: Path) -> tuple[h5py.File, dict]:
     if "fastfeat_version" not in attrs or "classes" not in attrs:
         f.close()
         raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
+    try:
+        classes = json.loads(attrs["classes"])
+    except (TypeError, ValueError):
+        classes = None
+    if not isinstance(classes, list):
+        f.close()
+        raise InputError(f"{path}: its classes attribute is not a JSON list of names: re-create it with fastfeat cache")
     return f, attrs
 
 
@@ -360,7 +390,7 @@ def describe_cache(path: str | Path) -> dict:
     """What a cache holds, complete or not, without reading its features: the attributes, and per split
     its rows, the rows written so far and the stored feature dtype."""
     f, attrs = _open_cache(Path(path))
-    with f:
+    with f, _reading(Path(path)):
         splits = {name: {"rows": len(group["labels"]), "rows_written": int(group.attrs["rows_written"]),
                          "features": f"{tuple(group['features'].shape)} {group['features'].dtype}",
                          **_describe_views(group)}
