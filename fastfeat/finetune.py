@@ -376,9 +376,9 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
 
 
-# options that say where and how fast a run goes, not what it trains: a resumed run may change them
+# what a resumed run may change: where and how fast it runs, its reports, and --epochs (to train longer)
 RUNTIME_OPTIONS = frozenset({"data", "download", "loader", "device", "amp", "amp_dtype", "channels_last", "compile",
-                             "progress", "checkpoint_dir", "predictions", "plot", "resume"})
+                             "progress", "checkpoint_dir", "predictions", "plot", "resume", "epochs"})
 
 
 def _resume(trainer: Trainer, last: Path) -> None:
