@@ -21,17 +21,17 @@ def check_output(path: str | Path | None, flag: str, directory: bool = False) ->
         return
     path = Path(path)
     if path.is_dir() and not directory:
-        raise InputError(f"{flag} {path} is a directory: name a file")
+        raise InputError(f"cannot write {flag} {path}: it is a directory, name a file")
     if path.exists() and directory and not path.is_dir():
-        raise InputError(f"{flag} {path} is a file: name a directory")
+        raise InputError(f"cannot write {flag} {path}: it is a file, name a directory")
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise InputError(f"{flag} {path}: {parent} is a file, not a directory")
+        raise InputError(f"cannot write {flag} {path}: {parent} is a file, not a directory")
     target = path if path.exists() and directory else parent
     if not os.access(target, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: {target} is not writable")
+        raise InputError(f"cannot write {flag} {path}: {target} is not writable")
 
 
 def check_reports(predictions: str | None, plot: str | None) -> None:
