@@ -353,8 +353,8 @@ def _check_labels(path: Path, split: str, labels: np.ndarray, classes: int) -> N
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"{path}: {split}/labels must be 1-d integers, got {labels.dtype} of shape {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-        raise InputError(f"{path}: {split}/labels hold {labels.min()}..{labels.max()}, outside 0..{classes - 1} "
-                         f"(the cache's {classes} classes)")
+        raise InputError(f"{path}: {split}/labels are outside 0..{classes - 1} (the cache's {classes} classes): "
+                         f"they hold {labels.min()}..{labels.max()}")
 
 
 @contextmanager
