@@ -180,8 +180,7 @@ def build_classifier(opts: FinetuneOptions, classes: list[str]) -> tuple[nn.Modu
 
 def label_smoothing(opts: FinetuneOptions) -> float:
     """`--label-smoothing`, by default 0.1 from a fresh head. From `--init-head` the default is the smoothing
-    the head was fit with, so the loss does not change when the backbone joins: on the transfer task (8 seeds)
-    0.1 over train-head's 0 cost 0.8 points at 4 epochs and 0.5 at 10."""
+    the head was fit with, so the loss does not change when the backbone joins (measured: docs/results.md)."""
     if opts.label_smoothing is not None:
         return opts.label_smoothing
     if opts.init_head:
@@ -295,8 +294,8 @@ class Trainer:
     def recompute_batchnorm(self, train: Split, loader: str) -> None:
         """Precise BatchNorm (Wu & Johnson, 2021): each trained BatchNorm layer's running statistics become the
         plain average of its batch statistics over a seeded sample of train (eval preprocessing, full batches)
-        under the current weights. A running average lags weights that moved fast: on the transfer task,
-        right after an --init-head warm-up, validation read 26 % with it and 58 % with these."""
+        under the current weights. A running average lags weights that moved fast, as right after an
+        --init-head warm-up (measured: docs/results.md)."""
         layers, images = self.trained_batchnorm(), min(self.opts.recompute_bn, len(train))
         if images > self.opts.batch_size:
             images -= images % self.opts.batch_size  # equal batches: each batch's statistics weigh the same

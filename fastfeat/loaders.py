@@ -77,7 +77,7 @@ def train_batches(
     """Augmented, normalized float NCHW batches of the rows `order` on `device`; random per sample,
     reproducible from `seed`; made ahead in a background thread while the model trains, except torch's on
     a CPU: there the training step keeps every core busy and a producer thread only competes with it
-    (measured: 10 % more images/s at 32 px without it, 1 % at 224 px; DALI's and the cache's gain from one)."""
+    (measured in docs/results.md; DALI's and the cache's batches gain from one)."""
     if loader == "dali":
         from . import dali_loader
 
