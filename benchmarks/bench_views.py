@@ -37,7 +37,8 @@ import torch
 from transfer_task import build_transfer_task
 
 from fastfeat.cache import CacheOptions, build_cache
-from fastfeat.head import HeadOptions, fit_head, train_head
+from fastfeat.head import HeadOptions, train_head
+from fastfeat.linear import fit_head
 from fastfeat.reporting import write_json
 from fastfeat.views import ViewSampler
 

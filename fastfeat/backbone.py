@@ -1,11 +1,12 @@
 """Backbones: where to add one. Any torchvision classification model (and timm's, with the extra):
-its weights (pretrained, random, a file), its default preprocessing, its freezable stages, and the
+its weights (pretrained, random, a file), its default preprocessing, and the
 frozen feature pass.
 
 A backbone is the classification model with its final classification layer replaced by identity:
 its features are what entered that layer (the pooled embedding, or the classifier's hidden output
 for mobilenet_v3, vgg and alexnet). Heads and fine-tuning put a K-way layer back in the same place.
-Two model sources sit in `SOURCES`; a new one implements the same five methods.
+Two model sources sit in `SOURCES`; a new one satisfies `ModelSource`. What fine-tuning may
+freeze lives beside fine-tuning, in freezing.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torchvision
@@ -33,6 +35,26 @@ PRETRAINED = ("DEFAULT", "imagenet")  # `imagenet`: the recipe's word for an arc
 RANDOM_ID, FILE_ID = "none:seed=", "file:"
 WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # torchvision's names: IMAGENET1K_V2, IMAGENET1K_SWAG_E2E_V1
 NUM_CLASSES = 1000  # the ImageNet-1k classifier that the feature model drops
+
+
+class ModelSource(Protocol):
+    """What a model source provides for the arch names it owns."""
+
+    def weights_names(self, arch: str) -> list[str]:
+        """The named pretrained weights `--weights` accepts (besides DEFAULT, none and a FILE)."""
+
+    def preprocess(self, arch: str, weights: str) -> Preprocess:
+        """The preprocessing those weights were trained with."""
+
+    def fixed_size(self, arch: str) -> bool:
+        """Whether the model takes only its default input size."""
+
+    def build(self, arch: str, pre: Preprocess) -> tuple[nn.Module, str, int]:
+        """The randomly initialised feature model (classifier replaced by identity), the classifier's module
+        path, and the size of what entered it."""
+
+    def pretrained_state(self, arch: str, weights: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """The weights id and the state dict of `weights`, downloaded through the source's own cache."""
 
 
 class TorchvisionModels:
@@ -127,10 +149,10 @@ class TimmModels:
         return name[0] if isinstance(name, (tuple, list)) else name
 
 
-SOURCES = {"torchvision": TorchvisionModels(), "timm": TimmModels()}
+SOURCES: dict[str, ModelSource] = {"torchvision": TorchvisionModels(), "timm": TimmModels()}
 
 
-def source(arch: str) -> TorchvisionModels | TimmModels:
+def source(arch: str) -> ModelSource:
     """The model source an arch name belongs to (`timm:` prefix, else torchvision), checking the name."""
     if arch.startswith(TimmModels.PREFIX):
         return SOURCES["timm"]
@@ -220,7 +242,7 @@ def set_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, layer)
 
 
-def _download(models, arch: str, weights: str) -> tuple[str, dict[str, torch.Tensor]]:
+def _download(models: ModelSource, arch: str, weights: str) -> tuple[str, dict[str, torch.Tensor]]:
     """Pretrained weights through torchvision's (or timm's) own cache, or a one-line error."""
     try:
         return models.pretrained_state(arch, weights)
@@ -230,7 +252,6 @@ def _download(models, arch: str, weights: str) -> tuple[str, dict[str, torch.Ten
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"could not download the {arch} {weights} weights ({reason}); "
                          f"pass --weights FILE (a {arch} state dict) or --weights none") from None
-
 
 
 def rebuild_backbone(spec: FeatureSpec, weights: str | None = None) -> Backbone:
@@ -309,62 +330,6 @@ class FeatureExtractor:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.amp_dtype):
             return self.forward(images).float()
-
-
-# ---- what fine-tuning may freeze ---------------------------------------------------------------------
-
-RESNET_STAGES = {"stem": ("conv1", "bn1"), "layer1": ("layer1",), "layer2": ("layer2",), "layer3": ("layer3",)}
-STAGES = {"resnet": RESNET_STAGES, "resnext": RESNET_STAGES, "wide_resnet": RESNET_STAGES}  # by arch prefix
-
-
-def named_stages(arch: str) -> dict[str, tuple[str, ...]]:
-    """An arch family's stages in forward order; freezing one freezes the ones before it too."""
-    return next((stages for prefix, stages in STAGES.items() if arch.startswith(prefix)), {})
-
-
-def frozen_parameters(model: nn.Module, arch: str, freeze: str, head: str) -> set[str]:
-    """The parameter names `--freeze` names: none; a named stage (and those before it); the first
-    `fraction` of the backbone's parameters in registration (≈ forward) order; or comma-separated
-    module names. The K-way layer at module path `head` is not part of the backbone."""
-    backbone = [(name, p) for name, p in model.named_parameters() if not name.startswith(f"{head}.")]
-    if freeze == "none":
-        return set()
-    stages = named_stages(arch)
-    if freeze in stages:
-        modules = [name for stage in list(stages)[: list(stages).index(freeze) + 1] for name in stages[stage]]
-    else:
-        try:
-            return _leading_fraction(backbone, float(freeze), freeze)
-        except ValueError:
-            modules = [_module(model, arch, name.strip()) for name in freeze.split(",") if name.strip()]
-    return {name for name, _ in backbone if name.startswith(tuple(f"{m}." for m in modules))}
-
-
-def _module(model: nn.Module, arch: str, name: str) -> str:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        raise InputError(f"--freeze {name!r}: {arch} has no such module ({freeze_help(model, arch)})") from None
-    return name
-
-
-def _leading_fraction(backbone: list[tuple[str, nn.Parameter]], fraction: float, flag: str) -> set[str]:
-    if not 0 < fraction <= 1:
-        raise InputError(f"--freeze {flag}: a fraction of the backbone must be in (0, 1]")
-    budget, frozen = fraction * sum(p.numel() for _, p in backbone), set()
-    for name, p in backbone:
-        if p.numel() > budget:
-            break
-        frozen.add(name)
-        budget -= p.numel()
-    return frozen
-
-
-def freeze_help(model: nn.Module, arch: str) -> str:
-    """What `--freeze` accepts for this arch (its stages, a fraction, its top-level module names)."""
-    stages = ", ".join(["none", *named_stages(arch)])
-    top = ", ".join(name for name, m in model.named_children() if list(m.parameters()))
-    return f"--freeze for {arch}: {stages}; a fraction such as 0.5; or module names such as {top}"
 
 
 # ---- listing -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
 from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import choose_precision, compile_wanted, host_arrays
-from .sources import CIFAR_LAYOUTS, Dataset, Split, open_dataset
+from .sources import Dataset, Split, open_dataset, rows_sha256
 from .spec import FeatureSpec
 from .transforms import Preprocess
 from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
@@ -92,8 +92,9 @@ class CacheResult:
 
 
 def default_cache_path(dataset: Dataset, arch: str) -> Path:
-    """data/<dataset>-<arch>.h5: caches of several backbones side by side."""
-    name = dataset.kind if dataset.kind in CIFAR_LAYOUTS else dataset.root.resolve().name
+    """data/<dataset>-<arch>.h5 (a folder's or list's own directory name, else the kind): caches of several
+    backbones side by side."""
+    name = dataset.root.resolve().name if dataset.kind in ("folder", "list") else dataset.kind
     return Path("data") / f"{name}-{arch.replace(':', '-')}.h5"
 
 
@@ -117,6 +118,8 @@ def cache_attrs(dataset: Dataset, spec: FeatureSpec, batch_size: int, limit: int
         "batch_size": batch_size,
         "dataset": dataset.kind,
         "dataset_path": str(dataset.root.resolve()),
+        "dataset_source": dataset.source,  # what was read beside the root (list files, shards); "" for the root alone
+        "dataset_sha256": rows_sha256(dataset),  # every split's labels and files, in order: --resume sees a change
         "classes": json.dumps(list(dataset.classes)),
         "limit": limit or 0,  # 0: every row; else a class-balanced subset drawn with `seed`
         "seed": seed,

@@ -98,8 +98,8 @@ class CacheWriter:
         except OSError as exc:
             raise InputError(f"cannot resume {self.tmp} ({exc}): pass --overwrite to start over") from None
         try:
+            _check_same_files(f, self.split_files)  # first: it names the split whose files differ
             _check_same_attrs(f, self.attrs)
-            _check_same_files(f, self.split_files)
         except InputError:
             f.close()
             raise
@@ -180,7 +180,7 @@ def _check_same_attrs(f: h5py.File, expected: dict) -> None:
 
 def _check_same_files(f: h5py.File, split_files: dict[str, list[str]]) -> None:
     for split, files in split_files.items():
-        if "files" not in f[split] or f[split]["files"].asstr()[:].tolist() != list(files):
+        if split not in f or "files" not in f[split] or f[split]["files"].asstr()[:].tolist() != list(files):
             raise InputError(
                 f"cannot resume {f.filename}: its {split} image files differ from the dataset's now "
                 "(pass --overwrite to start over)"
@@ -193,8 +193,8 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
     if not path.exists():
         return False
     with h5py.File(path, "r") as f:
-        _check_same_attrs(f, file_attrs(attrs, split_rows, dtype))
         _check_same_files(f, split_files)
+        _check_same_attrs(f, file_attrs(attrs, split_rows, dtype))
         return bool(f.attrs.get("complete"))
 
 

@@ -117,7 +117,7 @@ def run_train_head(args: argparse.Namespace) -> None:
 
     _check_writable(args.metrics)
     result = train_head(from_args(HeadOptions, args))
-    validated = _validated(result.validation, args)
+    validated = result.plan.describe()
     if result.sweep is not None:
         best, heads = result.sweep["best"], len(result.sweep["lrs"]) * len(result.sweep["weight_decays"])
         print("\n".join(sweep_table(result.sweep)))
@@ -132,13 +132,6 @@ def run_train_head(args: argparse.Namespace) -> None:
     _written(args)
     if args.metrics:
         write_json(args.metrics, result.metrics())
-
-
-def _validated(validation: str, args: argparse.Namespace) -> str:
-    """What the epoch lines' validation columns were measured on."""
-    return {"holdout": f"on {args.val_fraction:g} of train held out",
-            "val": "on the cache's own val split"}.get(validation, "on the test split every epoch (--val-fraction 0, "
-                                                                    "the recipe's protocol)")
 
 
 def _written(args: argparse.Namespace) -> None:
@@ -165,7 +158,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     opts = from_args(FinetuneOptions, args)
     if opts.freeze == "help":
-        from .backbone import build_backbone, freeze_help
+        from .backbone import build_backbone
+        from .freezing import freeze_help
 
         print(freeze_help(build_backbone(opts.arch, "none", pre=opts.preprocess()).model, opts.arch))
         return

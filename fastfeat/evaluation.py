@@ -10,6 +10,7 @@ import torch
 
 from .plots import plot_run
 from .reporting import atomic_write
+from .validation import LABELS
 
 TOP5_MIN_CLASSES = 6  # top-5 says something only when there are more than five classes
 
@@ -46,9 +47,6 @@ def write_predictions(path: str | Path, probabilities: torch.Tensor, labels: tor
     atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
-VALIDATION_NAMES = {"holdout": "validation", "val": "val split", "test": "test (every epoch)"}
-
-
 def write_reports(predictions: str | None, plot: str | None, probabilities: torch.Tensor, labels: torch.Tensor,
                   classes: list[str], files: list[str] | None, history: list[dict], test: dict, validation: str,
                   sweep: dict | None = None) -> None:
@@ -57,4 +55,4 @@ def write_reports(predictions: str | None, plot: str | None, probabilities: torc
     if predictions:
         write_predictions(predictions, probabilities, labels, classes, files)
     if plot:
-        plot_run(plot, classes, history, test, sweep, VALIDATION_NAMES[validation])
+        plot_run(plot, classes, history, test, sweep, LABELS[validation])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .backbone import frozen_parameters
+from .freezing import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError, check_number
 from .evaluation import classification_report, write_reports
@@ -37,9 +37,10 @@ from .options import BackboneOptions, DataOptions, RunOptions, option
 from .plots import require_matplotlib
 from .reporting import epoch_line, progress
 from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, resolve_device
-from .sources import Split, open_dataset, stratified_holdout
+from .sources import Split, open_dataset
 from .spec import FeatureSpec
 from .transforms import AUGMENT_PRESETS, Augment
+from .validation import ValidationPlan
 
 SCHEDULES = ("cosine", "step", "none")
 FRESH_HEAD_SMOOTHING = 0.1  # --label-smoothing's default from a fresh head
@@ -100,12 +101,17 @@ class FinetuneResult:
     device: str = ""
     precision: str = ""
     ranks: int = 1
-    validation: str = "holdout"  # "holdout": rows held out of train; "val": the dataset's; "test": the recipe's
+    plan: ValidationPlan = field(default_factory=ValidationPlan)
     val: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     best_test: dict = field(default_factory=dict)
     precision_reason: str = ""
     compiled: bool = False
+
+    @property
+    def validation(self) -> str:
+        """What validated: "holdout" (rows held out of train), "val" (the dataset's) or "test" (the recipe's)."""
+        return self.plan.kind
 
     @property
     def best_valid_acc(self) -> float:
@@ -137,8 +143,7 @@ class FinetuneResult:
 
     def summary(self) -> str:
         """The command's closing line."""
-        validated = {"holdout": "on a holdout of train", "val": "on the dataset's val split"}.get(
-            self.validation, "on the test split every epoch (--val-fraction 0, the recipe's protocol)")
+        validated = self.plan.describe()
         return (f"fine-tuned {len(self.history)} epochs: best valid acc {self.best_valid_acc:.4f} ({validated}); "
                 f"test acc {self.test['top1']:.4f} last, {self.best_test['top1']:.4f} best, evaluated once; "
                 f"{self.metrics()['train_images_per_second']:.1f} train img/s -> {self.checkpoint} (best: {self.best})")
@@ -400,9 +405,8 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
     aug = augmentation(opts)
-    train, val, test = validation_split(dataset.splits["train"], dataset.splits["test"], opts.val_fraction, opts.seed,
-                                        dataset.splits.get("val"))
-    validation = "val" if "val" in dataset.splits else "holdout" if opts.val_fraction > 0 else "test"
+    plan = ValidationPlan.choose("val" in dataset.splits, opts.val_fraction, opts.seed, owner="dataset")
+    train, val, test = validation_split(plan, dataset.splits)
     steps = max(1, -(-len(epoch_order(len(train), 0, 0, opts.batch_size, world)) // opts.batch_size))
     trainer = Trainer(opts, list(dataset.classes), steps, world, device)
     last, best = Path(opts.checkpoint_dir) / "last.pt", Path(opts.checkpoint_dir) / "best.pt"
@@ -444,28 +448,25 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
         (val_logits,) = trainer.logits([trainer.forward], val, loader)
     test_logits, last_test, best_test = _test_once(trainer, test, loader, best)
     result = FinetuneResult(last, best, trainer.history, loader, str(device), trainer.precision.name, world.size,
-                            validation, report(val_logits, val_labels), last_test, best_test,
+                            plan, report(val_logits, val_labels), last_test, best_test,
                             trainer.precision.reason, trainer.forward.compiled)
     if world.is_main:
         files = None if test.files is None else [str(Path(f).relative_to(dataset.root)) for f in test.files]
         write_reports(opts.predictions, opts.plot, test_logits.softmax(1).cpu(), torch.from_numpy(test.labels),
-                      list(dataset.classes), files, trainer.history, last_test, validation)
+                      list(dataset.classes), files, trainer.history, last_test, plan.kind)
     return result
 
 
-def validation_split(train: Split, test: Split, fraction: float, seed: int,
-                     own_val: Split | None = None) -> tuple[Split, Split, Split]:
-    """(train, val, test): the dataset's own val split when it has one (all of train to fit), else a
-    class-stratified, seeded `fraction` of train held out to validate on; with fraction 0, all of train
-    to fit and the test split to validate on (the recipe's protocol)."""
-    if own_val is not None:
-        return train, own_val, test
-    if fraction == 0:
+def validation_split(plan: ValidationPlan, splits: dict[str, Split]) -> tuple[Split, Split, Split]:
+    """(train, val, test) as `plan` says: the dataset's own val split (all of train to fit), a holdout of
+    train, or the test split to validate on (the recipe's protocol)."""
+    train, test = splits["train"], splits["test"]
+    if plan.kind == "val":
+        return train, splits["val"], test
+    rows = plan.split(train.labels)
+    if rows is None:
         return train, test, test
-    kept, held = stratified_holdout(train.labels, fraction, seed)
-    if len(held) == 0:
-        raise InputError(f"--val-fraction {fraction} holds out no row of {len(train)}: raise it, or pass 0")
-    return train.take(kept), train.take(held), test
+    return train.take(rows[0]), train.take(rows[1]), test
 
 
 def report(logits: torch.Tensor, labels: torch.Tensor) -> dict:

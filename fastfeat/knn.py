@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from .backbone import DEFAULT_ARCH
 from .errors import InputError, check_number
 from .evaluation import classification_report
-from .head import load_features, own_val_split
+from .head import load_features, own_val_split, validation_plan
 from .options import option
 from .runtime import resolve_device
-from .sources import stratified_holdout
+from .validation import ValidationPlan
 from .views import load_views
 
 SIMILARITY_BYTES = 256 * 2**20  # the largest block of similarities held at once
@@ -64,8 +64,13 @@ class KnnResult:
     device: str
     options: dict = field(default_factory=dict)
     tta: bool = False
-    validation: str = "holdout"  # "holdout": rows of train; "val": the cache's own val split; "test": none
+    plan: ValidationPlan = field(default_factory=ValidationPlan)  # kind "test": no validation
     reports: dict = field(default_factory=dict)  # "test" (and "val"): classification_report at the best k
+
+    @property
+    def validation(self) -> str:
+        """What validated: "holdout" (rows of train), "val" (the cache's own val split) or "test" (none)."""
+        return self.plan.kind
 
     @property
     def best_k(self) -> int:
@@ -125,16 +130,12 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
     opts = check_options(opts)
     device = resolve_device(opts.device)
     _, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
-    own_val = own_val_split(opts.cache, device)
-    validation = "val" if own_val is not None else "holdout" if opts.val_fraction > 0 else "test"
-    views = load_views(opts.cache, device, "center-only", opts.tta, validation)
+    plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
+    own_val = own_val_split(opts.cache, device) if plan.kind == "val" else None
+    views = load_views(opts.cache, device, "center-only", opts.tta, plan.kind)
     ks = opts.k
-    kept = held = None
-    if validation == "holdout":
-        kept, held = stratified_holdout(train_y.cpu().numpy(), opts.val_fraction, opts.seed)
-        if len(held) == 0:
-            raise InputError(f"--val-fraction {opts.val_fraction:g} holds out nothing: no class of {opts.cache} "
-                             "has two train rows (use --val-fraction 0)")
+    kept, held = plan.split(train_y.cpu().numpy()) or (None, None)
+    if kept is not None:
         check_k(ks, len(kept), f"the {len(kept)} train rows outside validation (--val-fraction {opts.val_fraction:g})")
     check_k(ks, len(train_y), f"the {len(train_y)} train rows of {opts.cache}")
 
@@ -168,7 +169,7 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
             "neighbours_val": len(kept) if kept is not None else len(train_y) if val_rows else 0,
             "neighbours_test": len(train_y)}
     return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, views.tta,
-                     validation, reports)
+                     plan, reports)
 
 
 def normalized_flips(flips: torch.Tensor | None, tta: bool, rows: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -94,11 +94,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 @dataclass
 class DataOptions:
-    data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, or train/ and test/ "
-                               "(or val/) class folders", group="data")
-    dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels)",
+    data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, train/ and test/ "
+                               "(or val/) class folders, or train.csv and test.csv file lists", group="data")
+    dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels; "
+                                  "list: path,label rows; mnist, dtd, ...: torchvision's layouts; see docs/sources.md)",
                           choices=DATASET_KINDS, group="data")
-    download: bool = option(False, "download CIFAR-10 (CIFAR-100 with --dataset cifar100) into --data first",
+    download: bool = option(False, "download the --dataset (auto: CIFAR-10) into --data first, with torchvision",
                             group="data")
     limit: int | None = option(None, "at most N images per split: a class-balanced subset drawn with --seed, "
                                      "kept in dataset order", group="data")

@@ -15,10 +15,12 @@ from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache
 from fastfeat.finetune import FinetuneOptions, build_classifier
-from fastfeat.head import HeadOptions, fit_head, holdout, load_features, train_head
+from fastfeat.head import HeadOptions, load_features, train_head, validation_split
+from fastfeat.linear import fit_head
 from fastfeat.model_files import load_head
 from fastfeat.sources import stratified_holdout
 from fastfeat.transforms import Preprocess
+from fastfeat.validation import ValidationPlan
 
 # The first lines the original recipe printed (its reference output), to check our format against.
 RECIPE_LINES = """\
@@ -27,8 +29,11 @@ Epoch 1. Train Loss: 1.222752, Train Acc: 0.576946, Valid Loss: 0.818926, Valid 
 Epoch 9. Train Loss: 1.118955, Train Acc: 0.609715, Valid Loss: 0.731084, Valid Acc: 0.751692, Time 00:04:13
 Epoch 19. Train Loss: 1.098069, Train Acc: 0.618027, Valid Loss: 0.705413, Valid Acc: 0.757962, Time 00:04:06
 """.splitlines()
-EPOCH_LINE = (r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, "
-              r"Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d")
+
+
+def skeleton(line: str) -> tuple[str, tuple[int, ...]]:
+    """A line's words and punctuation with every number as N, and the digits after each decimal point."""
+    return re.sub(r"\d+", "N", line), tuple(len(digits) for digits in re.findall(r"\.(\d+)", line))
 
 
 @pytest.fixture
@@ -69,8 +74,7 @@ def test_separable_problem_is_learned_and_lines_match_the_recipe(toy_cache):
     result = train_head(quiet(toy_cache), log=lines.append)
     assert result.final_valid_acc == 1.0 and result.history[-1]["train_acc"] == 1.0
     assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
-    assert all(re.fullmatch(EPOCH_LINE, line) for line in RECIPE_LINES)
-    assert len(lines) == 20 and all(re.fullmatch(EPOCH_LINE, line) for line in lines), lines[:2]
+    assert len(lines) == 20 and {skeleton(line) for line in lines} == {skeleton(line) for line in RECIPE_LINES}, lines[:2]
     assert lines[0].startswith("Epoch 0. ") and lines[-1].startswith("Epoch 19. ")
 
 
@@ -125,7 +129,8 @@ def test_saved_head_reloads_with_identical_predictions(sample_cache, tmp_path):
     result = train_head(opts, log=lambda line: None)
     spec, classes, tensors = load_features(sample_cache, torch.device("cpu"))
     test_x, test_y = tensors[2:]
-    trained, _ = fit_head(*holdout(*tensors, opts.val_fraction, opts.seed), len(classes), opts, log=lambda line: None)
+    trained, _ = fit_head(*validation_split(ValidationPlan(fraction=opts.val_fraction, seed=opts.seed), sample_cache, *tensors)[:4],
+                           len(classes), opts, log=lambda line: None)
     head, loaded_classes, head_spec = load_head(result.out)
     with torch.no_grad():
         logits = head(test_x)
@@ -188,15 +193,16 @@ def test_default_out_metrics_and_no_standardize(toy_cache):
 def test_validation_is_a_stratified_holdout_and_test_is_touched_once(toy_cache, monkeypatch):
     """Every epoch validates on rows held out of train (never on test); test is evaluated once, at the end."""
     import fastfeat.head as head_module
+    import fastfeat.linear as linear_module
 
     train_y = read_cache(toy_cache).labels["train"]
     fit, val = stratified_holdout(train_y, 0.1, seed=0)
     assert not set(fit) & set(val) and len(fit) + len(val) == len(train_y)
     assert np.allclose(np.bincount(train_y[val]) / np.bincount(train_y), 0.1, atol=0.01)  # stratified
     seen = []
-    real_evaluate = head_module.evaluate
+    real_evaluate = linear_module.evaluate
     real_report = head_module.test_report
-    monkeypatch.setattr(head_module, "evaluate", lambda model, x, y: seen.append(len(y)) or real_evaluate(model, x, y))
+    monkeypatch.setattr(linear_module, "evaluate", lambda model, x, y: seen.append(len(y)) or real_evaluate(model, x, y))
     monkeypatch.setattr(head_module, "test_report", lambda model, x, y: seen.append(len(y)) or real_report(model, x, y))
     result = train_head(quiet(toy_cache, epochs=3), log=lambda line: None)
     assert seen == [len(val)] * 3 + [500]  # three epochs on the holdout, then the 500 test rows once

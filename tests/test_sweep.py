@@ -10,8 +10,11 @@ import torch
 from conftest import run, separable, write_cache
 from probe_reference import fit_sklearn_reference
 
-from fastfeat.head import HeadOptions, SweepHeads, fit_head, holdout, load_features, sweep_fit, train_head
+from fastfeat.head import HeadOptions, load_features, train_head, validation_split
+from fastfeat.linear import fit_head
 from fastfeat.model_files import load_head
+from fastfeat.sweep import SweepHeads, sweep_fit
+from fastfeat.validation import ValidationPlan
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def silent(line: str) -> None:
 def test_every_sweep_head_equals_the_setting_trained_alone(noisy_cache, extra, lrs):
     """Same seed, same shuffles, same schedule: the batched heads are the single-head sgd path's heads."""
     _, classes, (train_x, train_y, test_x, test_y) = load_features(noisy_cache, torch.device("cpu"))
-    fit_x, fit_y, val_x, val_y = holdout(train_x, train_y, test_x, test_y, 0.2, 0)
+    fit_x, fit_y, val_x, val_y = validation_split(ValidationPlan(fraction=0.2), noisy_cache, train_x, train_y, test_x, test_y)[:4]
     setting = {"epochs": 4, "batch_size": 64, "seed": 3, **extra}
     opts = quiet(noisy_cache, **setting)
     # (lr 1.5 with wd 3e-2 sits at the edge of stability: float32 rounding, not the method, then differs by 3e-4)
@@ -97,9 +100,10 @@ def test_best_is_chosen_on_validation_with_ties_to_the_larger_weight_decay():
 
 def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched_once(noisy_cache, monkeypatch, tmp_path):
     import fastfeat.head as head_module
+    import fastfeat.linear as linear_module
 
     calls = {"sweep": [], "refit": [], "evaluate": []}
-    real_sweep, real_refit, real_evaluate = head_module.sweep_fit, head_module.refit_head, head_module.evaluate
+    real_sweep, real_refit, real_evaluate = head_module.sweep_fit, head_module.refit_head, linear_module.evaluate
 
     def sweep_spy(x, y, val_x, val_y, k, lrs, wds, opts, log, *views):
         calls["sweep"].append((len(y), len(val_y)))
@@ -115,7 +119,7 @@ def test_the_chosen_setting_is_refit_on_train_and_validation_and_test_is_touched
     monkeypatch.setattr(head_module, "sweep_fit", sweep_spy)
     monkeypatch.setattr(head_module, "refit_head", refit_spy)
     real_report = head_module.test_report
-    monkeypatch.setattr(head_module, "evaluate", lambda m, x, y: calls["evaluate"].append(len(y)) or real_evaluate(m, x, y))
+    monkeypatch.setattr(linear_module, "evaluate", lambda m, x, y: calls["evaluate"].append(len(y)) or real_evaluate(m, x, y))
     monkeypatch.setattr(head_module, "test_report", lambda m, x, y: calls["evaluate"].append(len(y)) or real_report(m, x, y))
     out = tmp_path / "best.head.pt"
     result = train_head(quiet(noisy_cache, sweep=True, epochs=3, lrs=(0.05, 0.2, 1.0), weight_decays=(1e-3, 1e-2),

@@ -87,7 +87,7 @@ def test_finetune_validates_on_the_datasets_own_val_folder(tmp_path, capsys):
                           "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.json")], capsys)
     assert code == 0, err
     metrics = __import__("json").loads((tmp_path / "m.json").read_text())
-    assert metrics["validation"] == "val" and "on the dataset's val split" in out
+    assert metrics["validation"] == "val" and "on the dataset's own val split" in out
     assert sum(map(sum, metrics["val"]["confusion"])) == 6  # the 6 images of val/, none held out of train
     assert sum(map(sum, metrics["test"]["confusion"])) == 6
     assert metrics["epochs"][0]["train_images"] == 6  # all of train/ trains (batches of 3: no ragged tail)
