@@ -38,7 +38,7 @@ from fastfeat.finetune import FinetuneOptions, finetune
 from fastfeat.reporting import write_json
 from fastfeat.sources import open_dataset
 from fastfeat.synthetic import data_or_sample
-from fastfeat.transforms import AUGMENT_PRESETS
+from fastfeat.settings import AUGMENT_PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer_task import (

@@ -27,10 +27,9 @@ from torch import nn
 from .errors import InputError
 from .reporting import read_torch_file
 from .runtime import CompiledOrEager, autocast
-from .spec import FeatureSpec
-from .transforms import INTERPOLATIONS, Preprocess
+from .settings import DEFAULT_ARCH
+from .spec import INTERPOLATIONS, FeatureSpec, Preprocess
 
-DEFAULT_ARCH = "resnet18"
 PRETRAINED = ("DEFAULT", "imagenet")  # `imagenet`: the recipe's word for an arch's default ImageNet weights
 RANDOM_ID, FILE_ID = "none:seed=", "file:"
 WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # torchvision's names: IMAGENET1K_V2, IMAGENET1K_SWAG_E2E_V1

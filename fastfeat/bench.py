@@ -27,18 +27,14 @@ import torchvision
 from PIL import Image
 
 from .backbone import FeatureExtractor, build_backbone
-from .cache import BATCH_SIZES as CACHE_BATCH_SIZES
-from .cache import CacheOptions, build_cache
-from .errors import InputError
-from .finetune import FinetuneOptions, Trainer, augmentation, epoch_order, train_epoch
+from .cache import build_cache
+from .finetune import Trainer, augmentation, epoch_order, train_epoch
 from .loaders import (
-    LOADERS,
     dali_available,
     eval_batches,
     resolve_loader,
     train_batches,
 )
-from .options import BackboneOptions, RunOptions, option
 from .runtime import (
     cpu_bf16_native,
     cpu_capability,
@@ -51,14 +47,11 @@ from .runtime import (
     resolve_device,
     synchronize,
 )
-from .sources import DATASET_KINDS, Dataset, Split, open_dataset
+from .settings import BenchOptions, CacheOptions, FinetuneOptions
+from .sources import Dataset, Split, open_dataset
 from .synthetic import data_or_sample
-from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .spec import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-BENCHES = ("cache", "finetune")
-# default batch sizes: a CPU's, and one that fills a large GPU
-BATCH_SIZES = {**{("cache", device): size for device, size in CACHE_BATCH_SIZES.items()},
-               ("finetune", "cpu"): 64, ("finetune", "cuda"): 256}
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
@@ -73,33 +66,6 @@ def native_dtypes(device: torch.device) -> list[torch.dtype | None]:
     """The precisions this device runs natively, the candidates for "the fastest bare model"."""
     bf16 = cuda_bf16_supported() if device.type == "cuda" else cpu_bf16_native()
     return [None, torch.bfloat16] if bf16 else [None]
-
-
-@dataclass
-class BenchOptions(RunOptions, BackboneOptions):
-    what: str = "cache"  # the positional `cache|finetune`
-    data: str | None = option(None, "dataset directory (default: generated CIFAR-like images)", group="data")
-    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder)",
-                          choices=DATASET_KINDS, group="data")
-    loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
-                         choices=LOADERS, group="data")
-    images: int = option(1024, "images per timed stage", group="data")
-    weights: str = option("none", "none (random from --seed: nothing to download), DEFAULT, a weights name or FILE",
-                          group="backbone")
-    batch_size: int | None = option(None, "images per batch (default: " + ", ".join(
-        f"{size} {what} on {device}" for (what, device), size in BATCH_SIZES.items()) + ")", group="device and precision")
-    jitter: float = option(FinetuneOptions.jitter, "finetune: ColorJitter strength", group="bench")
-    augment: str = option(FinetuneOptions.augment, "finetune: the augmentation preset (fastfeat finetune's default)",
-                          choices=AUGMENT_PRESETS, group="bench")
-    repeats: int = option(2, "timed runs of each stage, interleaved; the best counts", group="bench")
-    vs_original: bool = option(False, "also time the original recipe's pipeline (PIL + DataLoader + fp32)",
-                               group="bench")
-    json: str | None = option(None, "also write every number, the settings and machine info to this JSON file",
-                              group="bench")
-    progress: bool = False  # the timed loops print nothing
-
-    def batch(self, device: torch.device) -> int:
-        return self.batch_size or BATCH_SIZES[self.what, device.type]
 
 
 @dataclass
@@ -407,13 +373,6 @@ class FinetuneBench:
 BENCH_CLASSES = {"cache": CacheBench, "finetune": FinetuneBench}
 
 
-def check_options(opts: BenchOptions) -> None:
-    if opts.what not in BENCHES:
-        raise InputError(f"unknown bench {opts.what!r}: choose {' or '.join(BENCHES)}")
-    if opts.images < 10 or opts.repeats < 1 or (opts.batch_size is not None and opts.batch_size < 1):
-        raise InputError("--images must be at least 10 (every class once), --repeats and --batch-size at least 1")
-
-
 def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
     """The data root, its train split of `--images` rows, and a line saying which data it is."""
     root, described = data_or_sample(opts.data, opts.images, tmp, test_images=0)
@@ -424,7 +383,6 @@ def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
 
 def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None) -> BenchResult:
     """Build once, warm up once, then time each stage `repeats` times, interleaved."""
-    check_options(opts)
     device = resolve_device(opts.device)
     with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
         root, dataset, described = open_images(opts, Path(tmp))

@@ -12,46 +12,17 @@ import torch
 
 from . import __version__
 from .backbone import Backbone, FeatureExtractor
-from .cache_file import FEATURE_DTYPES, CacheWriter, finished_shard, shard_path
+from .cache_file import CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
-from .options import BackboneOptions, DataOptions, RunOptions, option
 from .reporting import progress
 from .runtime import choose_precision, compile_wanted, host_arrays
+from .settings import CacheOptions
 from .sources import Dataset, Split, open_dataset, rows_sha256
 from .spec import FeatureSpec
 from .transforms import Preprocess
-from .views import NO_VIEWS, TTA_CHOICES, VIEW_AUGMENTS, ViewPlan
-
-BATCH_SIZES = {"cpu": 128, "cuda": 1024}  # --batch-size by device: a CPU's, and one that fills a large GPU
-
-
-@dataclass
-class CacheOptions(RunOptions, BackboneOptions, DataOptions):
-    batch_size: int | None = option(None, "images per batch, per rank under torchrun (default: " + ", ".join(
-        f"{size} on {device}" for device, size in BATCH_SIZES.items()) + ")", group="device and precision")
-    splits: tuple[str, ...] | None = option(None, "comma-separated splits to cache (default: train and test, and val "
-                                                  "for an image folder with its own val/ beside test/)", group="data")
-    out: str | None = option(None, "cache file (default: data/<dataset>-<arch>.h5)", group="output")
-    dtype: str = option("float16", "stored feature dtype", choices=FEATURE_DTYPES, group="output")
-    resume: bool = option(False, "continue an interrupted run", group="output")
-    overwrite: bool = option(False, "replace an existing cache", group="output")
-    tta: str | None = option(None, "also cache the features of every split's horizontally flipped center crop "
-                                   "(flipped on the device: one more backbone pass, no second decode)",
-                             choices=TTA_CHOICES, group="views")
-    views: int = option(0, "N augmented views per train image from the same decode (each one more backbone "
-                           "pass over train)", group="views")
-    view_augment: str = option(ViewPlan.augment, "the augmentation of --views (fastfeat finetune's --augment presets)",
-                               choices=VIEW_AUGMENTS, group="views")
-    view_seed: int = option(0, "the random draws of --views (per batch: reproducible with the same --batch-size)",
-                            group="views")
-
-    def view_plan(self) -> ViewPlan:
-        return ViewPlan(self.tta is not None, self.views, self.view_augment, self.view_seed)
-
-    def batch(self, device: torch.device) -> int:
-        return self.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
+from .views import NO_VIEWS, ViewPlan
 
 
 @dataclass

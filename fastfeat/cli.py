@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .distributed import is_main_process
 from .errors import FastfeatError, InputError
 from .options import HelpFormatter, add_options, from_args
 from .reporting import human_bytes, write_json
@@ -22,66 +21,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _command(sub, name: str, help: str, run, options=None) -> argparse.ArgumentParser:
-    """A subcommand whose flags come from the option dataclass `options` (defaults shown in --help)."""
+def _command(sub, name: str, help: str, run, options, metrics: bool = True) -> argparse.ArgumentParser:
+    """A subcommand whose flags come from the option dataclass `options` (defaults shown in --help), and
+    `--metrics` where the command has results to write."""
+    from .settings import MetricsOptions
+
     parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-    if options is not None:
-        add_options(parser, options)
+    add_options(parser, options)
+    if metrics:
+        add_options(parser, MetricsOptions)
     parser.set_defaults(run=run, options=options)
     return parser
 
 
-def _metrics_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics", default=None, help="also write the results to this JSON file")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import BENCHES, BenchOptions
-    from .cache import CacheOptions
-    from .finetune import FinetuneOptions
-    from .head import HeadOptions
-    from .knn import KnnOptions
-    from .sources import SPLITS
+    from .settings import (
+        BenchOptions,
+        CacheOptions,
+        FinetuneOptions,
+        HeadOptions,
+        InfoOptions,
+        KnnOptions,
+        ModelsOptions,
+        PredictOptions,
+    )
 
     parser = _Parser(prog="fastfeat", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastfeat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _metrics_flag(_command(sub, "cache", "one pass of the frozen backbone into an HDF5 feature cache", run_cache,
-                           CacheOptions))
-    _metrics_flag(_command(sub, "train-head", "train the linear head on a feature cache, in seconds", run_train_head,
-                           HeadOptions))
-    _metrics_flag(_command(sub, "finetune", "fine-tune the whole network on augmented batches (AMP)", run_finetune,
-                           FinetuneOptions))
-    _metrics_flag(_command(sub, "knn", "weighted k-nearest-neighbour accuracy on a feature cache (DINO's protocol)",
-                           run_knn, KnnOptions))
-
-    bench = _command(sub, "bench", "where the time goes: loader only, model only and end to end on the same images, "
-                                   "the bottleneck and the efficiency", run_bench, BenchOptions)
-    bench.add_argument("what", choices=BENCHES, help="the command to benchmark")
-
-    pr = _command(sub, "predict", "classify images with a fine-tuned checkpoint or a head", run_predict)
-    pr.add_argument("images", nargs="*", help="image files")
-    pr.add_argument("--model", required=True, help="finetune checkpoint (last.pt/best.pt) or head file")
-    pr.add_argument("--data", default=None, help="report accuracy on this dataset's --split instead")
-    pr.add_argument("--split", default="test", choices=SPLITS, help="the split --data reports on")
-    pr.add_argument("--limit", type=int, default=None, help="a class-balanced subset of N images of the split")
-    pr.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"], help="decode and resize pipeline")
-    pr.add_argument("--weights", default=None, help="the backbone FILE of a head whose features came from a file")
-    pr.add_argument("--topk", type=int, default=3, help="classes shown per image")
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    pr.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    pr.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision")
-    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                    help="test-time flip: average the probabilities of each center crop and its mirror")
-    pr.add_argument("--predictions", default=None, help="with --data: a CSV of every image's true and predicted class")
-    _metrics_flag(pr)
-
-    info = _command(sub, "info", "what a cache, head or checkpoint holds", run_info)
-    info.add_argument("file", help="a cache (.h5, complete or .partial), a head or a finetune checkpoint")
-    info.add_argument("--json", action="store_true", help="print JSON")
-
-    models = _command(sub, "models", "list the backbones: feature size, parameters, preprocessing, weights", run_models)
-    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _command(sub, "cache", "one pass of the frozen backbone into an HDF5 feature cache", run_cache, CacheOptions)
+    _command(sub, "train-head", "train the linear head on a feature cache, in seconds", run_train_head, HeadOptions)
+    _command(sub, "finetune", "fine-tune the whole network on augmented batches (AMP)", run_finetune, FinetuneOptions)
+    _command(sub, "knn", "weighted k-nearest-neighbour accuracy on a feature cache (DINO's protocol)", run_knn,
+             KnnOptions)
+    _command(sub, "bench", "where the time goes: loader only, model only and end to end on the same images, "
+                           "the bottleneck and the efficiency", run_bench, BenchOptions, metrics=False)
+    _command(sub, "predict", "classify images with a fine-tuned checkpoint or a head", run_predict, PredictOptions)
+    _command(sub, "info", "what a cache, head or checkpoint holds", run_info, InfoOptions, metrics=False)
+    _command(sub, "models", "list the backbones: feature size, parameters, preprocessing, weights", run_models,
+             ModelsOptions, metrics=False)
     return parser
 
 
@@ -100,6 +78,8 @@ def run_cache(args: argparse.Namespace) -> None:
 
     _check_writable(args.metrics)
     result = build_cache(from_args(CacheOptions, args))
+    from .distributed import is_main_process
+
     if not is_main_process():
         return
     print(
@@ -113,7 +93,8 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 def run_train_head(args: argparse.Namespace) -> None:
-    from .head import HeadOptions, sweep_table, train_head
+    from .head import HeadOptions, train_head
+    from .sweep import sweep_table
 
     _check_writable(args.metrics)
     result = train_head(from_args(HeadOptions, args))
@@ -165,6 +146,8 @@ def run_finetune(args: argparse.Namespace) -> None:
         return
     _check_writable(args.metrics)
     result = finetune(opts)
+    from .distributed import is_main_process
+
     if not is_main_process():
         return
     print(result.summary())
@@ -173,12 +156,10 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from .bench import BenchOptions, benchmark
 
     _check_writable(args.json)
-    result = benchmark(replace(from_args(BenchOptions, args), what=args.what), log=print)
+    result = benchmark(from_args(BenchOptions, args), log=print)
     print("\n".join(result.table()))
     if args.json:
         write_json(args.json, result.metrics())
@@ -186,7 +167,9 @@ def run_bench(args: argparse.Namespace) -> None:
 
 def run_predict(args: argparse.Namespace) -> None:
     from .predict import Predictor, load_classifier
+    from .settings import PredictOptions
 
+    metrics, args = args.metrics, from_args(PredictOptions, args)
     if bool(args.images) == bool(args.data):
         raise InputError("give either image files or --data DIR")
     predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp, args.tta)
@@ -201,9 +184,9 @@ def run_predict(args: argparse.Namespace) -> None:
         if args.predictions:
             write_predictions(args.predictions, evaluation.probabilities, evaluation.labels,
                               predictor.classifier.classes, evaluation.files)
-        if args.metrics:
-            write_json(args.metrics, {"command": "predict", "accuracy": report["top1"], "images": len(evaluation.labels),
-                                      "model": args.model, args.split: report, "classes": predictor.classifier.classes})
+        if metrics:
+            write_json(metrics, {"command": "predict", "accuracy": report["top1"], "images": len(evaluation.labels),
+                                 "model": args.model, args.split: report, "classes": predictor.classifier.classes})
         return
     for path, top in zip(args.images, predictor.predict_files(args.images, args.topk)):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
@@ -211,7 +194,9 @@ def run_predict(args: argparse.Namespace) -> None:
 
 def run_models(args: argparse.Namespace) -> None:
     from .backbone import describe_models
+    from .settings import ModelsOptions
 
+    args = from_args(ModelsOptions, args)
     rows = describe_models()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -227,12 +212,18 @@ def run_info(args: argparse.Namespace) -> None:
     import h5py
 
     from .cache_file import describe_cache
-    from .model_files import describe_model_file
+    from .settings import InfoOptions
 
+    args = from_args(InfoOptions, args)
     path = Path(args.file)
     if not path.is_file():
         raise InputError(f"{path} does not exist")
-    info = describe_cache(path) if h5py.is_hdf5(path) else describe_model_file(path)
+    if h5py.is_hdf5(path):
+        info = describe_cache(path)
+    else:
+        from .model_files import describe_model_file  # torch: only for heads and checkpoints
+
+        info = describe_model_file(path)
     info["size"] = human_bytes(path.stat().st_size)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -276,7 +267,10 @@ def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message would name only `fastfeat`, not the command
+        parser.exit(2, f"fastfeat {args.command}: error: unrecognized arguments: {' '.join(unknown)}\n")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .freezing import frozen_parameters
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
-from .errors import FastfeatError, InputError, check_number
+from .errors import FastfeatError, InputError
 from .evaluation import classification_report, write_reports
 from .loaders import eval_batches, resolve_loader, train_batches
 from .model_files import (
@@ -33,60 +33,13 @@ from .model_files import (
     read_model_file,
     save_checkpoint,
 )
-from .options import BackboneOptions, DataOptions, RunOptions, option
 from .plots import require_matplotlib
 from .reporting import epoch_line, progress
 from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, resolve_device
+from .settings import FRESH_HEAD_SMOOTHING, SCHEDULES, Augment, FinetuneOptions
 from .sources import Split, open_dataset
 from .spec import FeatureSpec
-from .transforms import AUGMENT_PRESETS, Augment
 from .validation import ValidationPlan
-
-SCHEDULES = ("cosine", "step", "none")
-FRESH_HEAD_SMOOTHING = 0.1  # --label-smoothing's default from a fresh head
-
-
-@dataclass
-class FinetuneOptions(RunOptions, BackboneOptions, DataOptions):
-    batch_size: int = option(256, "images per batch (per rank under torchrun)", group="device and precision")
-    augment: str = option("crop-flip", "augmentation preset: the original recipe's (RandomResizedCrop 256 + "
-                                       "rotation + RandomResizedCrop + flip), crop-flip (random crop of the reflect-"
-                                       "padded image + flip, no resampling) or rrc-flip (RandomResizedCrop + flip)",
-                          choices=AUGMENT_PRESETS, group="training")
-    pad: float = option(Augment.pad, "crop-flip: padding in px at 32 px, scaled with --image-size (28 px at 224)",
-                        group="training")
-    crop_scale: tuple[float, ...] = option(Augment.crop_scale, "rrc-flip: LOW,HIGH share of the image area a crop covers",
-                                           group="training")
-    jitter: float = option(Augment.jitter, "ColorJitter strength (the recipe's ColorJitter() is 0: no change)", group="training")
-    epochs: int = option(5, "passes over the train split", group="training")
-    lr: float = option(0.05, "the head's learning rate", group="training")
-    backbone_lr_scale: float = option(1.0, "backbone lr = lr x this", group="training")
-    optimizer: str = option("sgd", "nesterov SGD or AdamW", choices=("sgd", "adamw"), group="training")
-    schedule: str = option("cosine", "per-step decay after the warm-up", choices=SCHEDULES, group="training")
-    warmup_epochs: float = option(1.0, "linear lr warm-up (with --init-head: head-only epochs, then the backbone's ramp)",
-                                  group="training")
-    weight_decay: float = option(5e-4, "L2 weight decay", group="training")
-    label_smoothing: float | None = option(None, f"cross-entropy label smoothing (default {FRESH_HEAD_SMOOTHING:g}; from "
-                                                 "--init-head, the smoothing that head was fit with, 0 by default)",
-                                           group="training")
-    freeze: str = option("none", "what stays frozen: a named stage (resnet: stem, layer1..layer3), a fraction of the "
-                                 "backbone (0.5), or module names; `--freeze help` lists an arch's", group="training")
-    init_head: str | None = option(None, "start from a head made by train-head on the same features (the warm-up "
-                                         "is then head-only: the backbone holds still, then its lr ramps up)",
-                                   group="training")
-    recompute_bn: int = option(1024, "before each validation, BatchNorm's running statistics are recomputed from this "
-                                     "many train images (a seeded sample, eval preprocessing) under the epoch's final "
-                                     "weights, so validation, test and checkpoints use statistics of the weights they "
-                                     "evaluate, not a lagging average; 0: keep the running averages", group="training")
-    val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
-                                      "epoch and choose best.pt; test is evaluated once, at the end, with last and best. "
-                                      "0: validate on test every epoch (the recipe's protocol)", group="training")
-    checkpoint_dir: str = option("data/finetune", "where last.pt and best.pt go", group="training")
-    predictions: str | None = option(None, "a CSV of every test image as the last model classifies it: row, file "
-                                           "(folders), true and predicted class, probability", group="output")
-    plot: str | None = option(None, "write learning_curves.png and confusion.png (test, last model) into this folder "
-                                    "(needs the plot extra: matplotlib)", group="output")
-    resume: bool = option(False, "continue from CHECKPOINT_DIR/last.pt", group="training")
 
 
 @dataclass
@@ -151,17 +104,6 @@ class FinetuneResult:
 
 def check_options(opts: FinetuneOptions) -> None:
     """One-line InputErrors for values no training could use, before any data or model is loaded."""
-    if opts.batch_size < 1 or opts.epochs < 1:
-        raise InputError("--batch-size and --epochs must be at least 1")
-    if opts.recompute_bn < 0:
-        raise InputError(f"--recompute-bn must be 0 (off) or a number of images, not {opts.recompute_bn}")
-    check_number("--lr", opts.lr, low_open=True)
-    for flag, value in (("--backbone-lr-scale", opts.backbone_lr_scale), ("--weight-decay", opts.weight_decay),
-                        ("--warmup-epochs", opts.warmup_epochs), ("--jitter", opts.jitter)):
-        check_number(flag, value)
-    if opts.label_smoothing is not None:
-        check_number("--label-smoothing", opts.label_smoothing, high=1.0)
-    check_number("--val-fraction", opts.val_fraction, high=1.0)
     augmentation(opts)
     if opts.plot:
         require_matplotlib()

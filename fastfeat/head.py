@@ -17,60 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import evaluation
-from .backbone import DEFAULT_ARCH
 from .cache_file import cached_splits, read_cache, split_files
-from .errors import InputError, check_number
+from .errors import InputError
 from .evaluation import classification_report
-from .linear import DEFAULT_LR, evaluated, fit_head, refit_head, with_defaults
+from .linear import evaluated, fit_head, refit_head, with_defaults
 from .model_files import LinearHead, save_head
-from .options import option
 from .plots import require_matplotlib
 from .runtime import resolve_device
+from .settings import HeadOptions
 from .spec import FeatureSpec
-from .sweep import SWEEP_L2_ROWS, SWEEP_LRS, sweep_fit, sweep_grid, sweep_table  # noqa: F401 (sweep_table: the CLI's)
+from .sweep import sweep_fit, sweep_grid
 from .validation import ValidationPlan
-from .views import VIEW_POLICIES, HeadViews, ViewSampler, load_views
-
-
-@dataclass
-class HeadOptions:
-    """Defaults: 20 epochs of nesterov SGD, batch 1024, lr 0.2 with cosine decay, L2 100 / train rows on
-    standardised features. `lr` and `weight_decay` left None take the optimizer's defaults."""
-
-    cache: str = option(f"data/cifar10-{DEFAULT_ARCH}.h5", "a fastfeat cache")
-    out: str | None = option(None, "head file (default: <cache stem>.head.pt beside the cache)")
-    epochs: int = option(20, "passes over the train split")
-    batch_size: int = option(1024, "rows per step (sgd, adamw)")
-    lr: float | None = option(None, "learning rate (default: 0.2 sgd, 3e-3 adamw, 1.0 lbfgs)")
-    optimizer: str = option("sgd", "nesterov SGD with cosine decay, AdamW, or full-batch L-BFGS",
-                            choices=tuple(DEFAULT_LR))
-    weight_decay: float | None = option(None, "L2 on the weight (default: 100 / train rows for sgd and lbfgs; "
-                                              "0.5 decoupled for adamw)")
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
-    standardize: bool = option(True, "standardise features with the train split's mean and std")
-    val_fraction: float = option(0.1, "share of train held out (class-stratified, drawn with --seed) to validate on every "
-                                      "epoch; test is evaluated once, at the end. 0: validate on test every epoch "
-                                      "(the recipe's protocol: any choice made from it is made on test). A cache with its own val "
-                                      "split (a folder's val/ beside test/) validates on that instead")
-    seed: int = option(0, "shuffles and the validation split")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    sweep: bool = option(False, "train a grid of sgd heads (--lrs x --weight-decays) at once as one batched program, "
-                                "pick the best by validation accuracy (ties: the larger weight decay), then refit it")
-    lrs: tuple[float, ...] | None = option(None, "--sweep learning rates, comma-separated (default: "
-                                                 + ",".join(f"{v:g}" for v in SWEEP_LRS) + ")")
-    weight_decays: tuple[float, ...] | None = option(None, "--sweep L2 strengths, comma-separated (default: "
-                                                           + ",".join(f"{v:g}" for v in SWEEP_L2_ROWS) + " / fit rows)")
-    refit: bool = option(True, "--sweep: retrain the chosen setting on train + validation (the single-head path) "
-                               "before the one test evaluation; --no-refit keeps the sweep's own head")
-    views_policy: str = option("sample", "sample: each epoch, one view per train row, drawn from its center crop and "
-                                         "the views the cache holds (fastfeat cache --views, --tta); center-only: "
-                                         "the center crops alone", choices=VIEW_POLICIES)
-    tta: bool | None = option(None, "evaluate on the mean of the center and flipped crops' probabilities "
-                                    "(default: when the cache holds flips)")
-    predictions: str | None = option(None, "a CSV of every test row: row, file (folders), true and predicted class, "
-                                           "probability", group="output")
-    plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
-                                    "into this folder (needs the plot extra: matplotlib)", group="output")
+from .views import HeadViews, ViewSampler, load_views
 
 
 @dataclass
@@ -290,23 +248,11 @@ def write_reports(opts: HeadOptions, result: HeadResult, head: nn.Module, test_x
 
 def check_options(opts: HeadOptions) -> None:
     """One-line InputErrors for values no training could use (None lr and weight decay are fine)."""
-    if opts.optimizer not in DEFAULT_LR:
-        raise InputError(f"unknown --optimizer {opts.optimizer!r}: choose sgd, adamw or lbfgs")
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise InputError("--epochs and --batch-size must be at least 1")
-    if opts.lr is not None:
-        check_number("--lr", opts.lr, low_open=True)
-    if opts.weight_decay is not None:
-        check_number("--weight-decay", opts.weight_decay)
-    check_number("--label-smoothing", opts.label_smoothing, high=1.0)
-    check_number("--val-fraction", opts.val_fraction, high=1.0)
     if opts.plot:
         require_matplotlib()
     for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
         if values and not opts.sweep:
             raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")
-        for value in values:
-            check_number(flag, value, low_open=flag == "--lrs")
     if opts.sweep:
         if opts.optimizer != "sgd":
             raise InputError(f"--sweep trains sgd heads only, not --optimizer {opts.optimizer}")

@@ -23,33 +23,15 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .backbone import DEFAULT_ARCH
-from .errors import InputError, check_number
+from .errors import InputError
 from .evaluation import classification_report
 from .head import load_features, own_val_split, validation_plan
-from .options import option
 from .runtime import resolve_device
+from .settings import SIMILARITY_BYTES, KnnOptions
 from .validation import ValidationPlan
 from .views import load_views
 
-SIMILARITY_BYTES = 256 * 2**20  # the largest block of similarities held at once
 MIN_QUERY_ROWS = 64  # train is split into blocks only when a block of this many queries would not fit
-
-
-@dataclass
-class KnnOptions:
-    """Defaults: DINO's k = 10, 20, 100, 200 and temperature 0.07; 10 % of train held out for validation."""
-
-    cache: str = option(f"data/cifar10-{DEFAULT_ARCH}.h5", "a fastfeat cache")
-    k: tuple[int, ...] = option((10, 20, 100, 200), "neighbour counts, a comma list such as 10,20,100,200")
-    temperature: float = option(0.07, "the votes' temperature T: a neighbour's weight is exp(similarity / T)")
-    val_fraction: float = option(0.1, "fraction of every class of train held out as validation (0: none)")
-    seed: int = option(0, "the validation draw")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    batch_size: int | None = option(None, "queries per block (default: as many as keep a block of similarities "
-                                          f"within {SIMILARITY_BYTES // 2**20} MiB)")
-    tta: bool | None = option(None, "classify each query by the mean of its center and flipped crops' vote shares "
-                                    "(default: when the cache holds flips, fastfeat cache --tta flip)")
 
 
 @dataclass
@@ -113,16 +95,7 @@ class KnnResult:
 
 def check_options(opts: KnnOptions) -> KnnOptions:
     """`opts` with `k` as sorted distinct ints, or a one-line InputError for values no search can use."""
-    ks = tuple(opts.k)
-    if not ks:
-        raise InputError("--k needs at least one neighbour count, such as 10,20,100,200")
-    if not all(isinstance(k, int) and k >= 1 for k in ks):
-        raise InputError(f"--k must be whole numbers of at least 1, got {','.join(map(str, ks))}")
-    check_number("--temperature", opts.temperature, low_open=True)
-    check_number("--val-fraction", opts.val_fraction, high=1.0)
-    if opts.batch_size is not None and opts.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    return replace(opts, k=tuple(sorted(set(ks))))
+    return replace(opts, k=tuple(sorted(set(opts.k))))
 
 
 def knn_evaluate(opts: KnnOptions) -> KnnResult:

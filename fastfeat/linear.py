@@ -25,13 +25,12 @@ from torch import nn
 from .errors import FastfeatError
 from .model_files import LinearHead
 from .reporting import epoch_line
+from .settings import DEFAULT_LR
 from .views import FlipAverage, ViewSampler
 
 if TYPE_CHECKING:
-    from .head import HeadOptions
+    from .settings import HeadOptions
 
-# what HeadOptions' None lr and weight_decay become (tuned against a tuned L-BFGS probe); L2 = L2_ROWS / rows
-DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "lbfgs": 1.0}
 ADAMW_WEIGHT_DECAY = 0.5
 L2_ROWS = 100.0
 LBFGS_ITERS_PER_EPOCH = 25

@@ -12,9 +12,9 @@ import torch
 
 from .errors import InputError
 from .sources import Split
+from .settings import LOADERS
 from .transforms import Augment, Preprocess, augment, eval_transform, per_size
 
-LOADERS = ("auto", "dali", "torch")
 PREFETCH_DEPTH = 2  # batches made ahead of the model: enough to cover one slow batch, little memory
 T = TypeVar("T")
 

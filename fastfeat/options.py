@@ -1,27 +1,78 @@
 """Options are defined once, as dataclass fields; the command line is built from them.
 
-`option(default, help, ...)` declares a field with what its flag needs (help, choices, group);
-`add_options(parser, cls)` turns the fields into flags (defaults shown in --help), and
-`from_args(cls, args)` builds the options back, so the CLI and the Python API cannot drift apart.
+`option(default, help, ...)` declares a field with what its flag needs (help, group) and what its values may be
+(choices, range); `Checked` refuses any other value in one line naming the flag, for the CLI and the Python API
+alike; `add_options(parser, cls)` turns the fields into flags (defaults shown in --help), and `from_args(cls, args)`
+builds the options back, so the CLI and the Python API cannot drift apart. Only the mechanism lives here: each
+command's options are in settings.py.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from typing import Any
 
-from .backbone import DEFAULT_ARCH, Backbone, build_backbone, preprocess_for
-from .loaders import LOADERS
-from .runtime import AMP_DTYPES
-from .sources import DATASET_KINDS
-from .transforms import INTERPOLATIONS, Preprocess
+from .errors import InputError
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, group: str = "options") -> Any:
-    """A dataclass field that is also a command-line flag (`--field-name`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def option(default: Any, help: str, *, choices: tuple | None = None, group: str = "options", min: float | None = None,
+           above: float | None = None, below: float | None = None, positional: bool = False,
+           required: bool = False) -> Any:
+    """A dataclass field that is also a command-line flag (`--field-name`, or a positional argument).
+
+    Its values are checked where it is declared, for the CLI and the Python API alike (`Checked`):
+    `choices`, `min` <= value, `above` < value, value < `below`; a list (tuple) has at least one item,
+    each checked so."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "min": min,
+                                            "above": above, "below": below, "positional": positional,
+                                            "required": required})
+
+
+SEED = {"min": 0, "below": 2**32}  # what numpy's and torch's generators take
+
+
+class Checked:
+    """Options whose every field is checked against its declaration when they are made (or replaced)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in cli_fields(type(self)):
+            check_value(flag_name(f), getattr(self, f.name), {**f.metadata, "whole": _item(hints[f.name]) is int})
+
+
+def flag_name(f) -> str:
+    return f.name if f.metadata["positional"] else "--" + f.name.replace("_", "-")
+
+
+def check_value(flag: str, value: Any, meta: dict) -> None:
+    """One InputError line naming `flag` for a value outside its declaration; None means "the default"."""
+    if value is None:
+        return
+    if isinstance(value, tuple):
+        if not value:
+            raise InputError(f"{flag} needs at least one value")
+        for item in value:
+            check_value(flag, item, meta)
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise InputError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if meta.get("whole") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InputError(f"{flag} must be a whole number, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_range(flag, value, meta)
+
+
+def _check_range(flag: str, value: float, meta: dict) -> None:
+    low, above, below = meta["min"], meta["above"], meta["below"]
+    inside = (math.isfinite(value) and (low is None or value >= low) and (above is None or value > above)
+              and (below is None or value < below))
+    if not inside:
+        bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+                  f"< {below}" if below is not None else ""]
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        raise InputError(f"{flag} must be {kind} {' and '.join(b for b in bounds if b)}, got {value}")
 
 
 def finite_float(text: str) -> float:
@@ -36,6 +87,18 @@ def finite_float(text: str) -> float:
 
 
 PARSERS = {int: int, float: finite_float, str: str}
+
+
+def _plain(hint):
+    """`X` of an `X | None` annotation."""
+    optional = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return optional[0] if typing.get_origin(hint) is not tuple and optional else hint
+
+
+def _item(hint):
+    """The type of one value of a field: `int` for `int | None` and for `tuple[int, ...]`."""
+    hint = _plain(hint)
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
 
 
 def _parser_for(hint) -> typing.Callable[[str], Any]:
@@ -60,24 +123,33 @@ def cli_fields(cls) -> list:
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per option field of `cls`, in declaration order, grouped as declared."""
+    """One flag per option field of `cls`, in declaration order, grouped as declared; argparse only parses
+    (the values are checked by `Checked`), the choices are shown as the flag's metavar."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in cli_fields(cls):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        # None: decided later (e.g. by what a file holds); str: "auto" (--compile)
-        if hints[f.name] in (bool, bool | None, bool | str):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        if hints[f.name] in (bool, bool | None, bool | str):  # None: decided later (by a file); str: "auto" (--compile)
+            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            continue
+        metavar = "{" + ",".join(map(str, meta["choices"])) + "}" if meta["choices"] else None
+        if meta["positional"]:
+            hint = _plain(hints[f.name])
+            many = typing.get_origin(hint) is tuple
+            group.add_argument(f.name, nargs="*" if many else None, metavar=metavar, help=meta["help"],
+                               type=_parser_for(typing.get_args(hint)[0] if many else hint))
         else:
-            group.add_argument(flag, type=_parser_for(hints[f.name]), default=f.default, choices=meta["choices"],
-                               help=meta["help"])
+            group.add_argument(flag_name(f), type=_parser_for(hints[f.name]), default=f.default, metavar=metavar,
+                               required=meta["required"], help=meta["help"])
 
 
 def from_args(cls, args: argparse.Namespace):
-    """The options `cls` from parsed arguments (every option field has its flag)."""
-    return cls(**{f.name: getattr(args, f.name) for f in cli_fields(cls)})
+    """The options `cls` from parsed arguments (every option field has its flag), checked."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: getattr(args, f.name) for f in cli_fields(cls)}
+    return cls(**{name: (tuple(value) or None) if isinstance(value, list) and typing.get_origin(_plain(hints[name])) is tuple
+                  else value for name, value in values.items()})  # a positional list: none given is None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,61 +159,3 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, argparse.SUPPRESS) or action.help is None:
             return action.help or ""
         return super()._get_help_string(action)
-
-
-# ---- options shared by the commands that run a backbone over images ------------------------------------
-
-
-@dataclass
-class DataOptions:
-    data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, train/ and test/ "
-                               "(or val/) class folders, or train.csv and test.csv file lists", group="data")
-    dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels; "
-                                  "list: path,label rows; mnist, dtd, ...: torchvision's layouts; see docs/sources.md)",
-                          choices=DATASET_KINDS, group="data")
-    download: bool = option(False, "download the --dataset (auto: CIFAR-10) into --data first, with torchvision",
-                            group="data")
-    limit: int | None = option(None, "at most N images per split: a class-balanced subset drawn with --seed, "
-                                     "kept in dataset order", group="data")
-    loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
-                         choices=LOADERS, group="data")
-
-
-@dataclass
-class BackboneOptions:
-    arch: str = option(DEFAULT_ARCH, "a torchvision classification model (see `fastfeat models`) or timm:NAME",
-                       group="backbone")
-    weights: str = option("DEFAULT", "DEFAULT (the arch's best ImageNet weights; `imagenet` is the same), a weights "
-                                     "name such as IMAGENET1K_V2, none (random from --seed) or FILE (a state dict)",
-                          group="backbone")
-    resize: int | None = option(None, "shorter side before the center crop (default: the weights' own)",
-                                group="backbone")
-    image_size: int | None = option(None, "center-crop size (default: the weights' own)", group="backbone")
-    interpolation: str | None = option(None, "resize filter (default: the weights' own)", choices=INTERPOLATIONS,
-                                       group="backbone")
-    seed: int = option(0, "random init for --weights none; the --limit subset; shuffles and augmentation",
-                       group="backbone")
-
-    def preprocess(self) -> Preprocess:
-        """The weights' own preprocessing with the --resize, --image-size and --interpolation given."""
-        return preprocess_for(self.arch, self.weights, self.resize, self.image_size, self.interpolation)
-
-    def build(self) -> Backbone:
-        return build_backbone(self.arch, self.weights, self.seed, self.preprocess())
-
-
-@dataclass
-class RunOptions:
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", group="device and precision")
-    batch_size: int = option(128, "images per batch (per rank under torchrun)", group="device and precision")
-    amp: bool = option(True, "mixed precision: the fastest this device runs natively (bf16 on CUDA GPUs with bf16 "
-                             "and on CPUs with native bf16 kernels, fp16 on older GPUs; fp32 where none)",
-                       group="device and precision")
-    amp_dtype: str | None = option(None, "force the autocast dtype, even where it is emulated (slow)",
-                                   choices=tuple(AMP_DTYPES), group="device and precision")
-    channels_last: bool = option(True, "channels_last memory format", group="device and precision")
-    compile: bool | str = option("auto", "torch.compile the model (inductor; BatchNorm folded when frozen); auto: "
-                                         "when the run has enough images to pay back the compile time",
-                                 group="device and precision")
-    progress: bool = option(True, "progress bars (plain lines when stderr is not a terminal)",
-                            group="device and precision")

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .settings import AMP_DTYPE_NAMES
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {name: getattr(torch, name) for name in AMP_DTYPE_NAMES}
 MAX_LOADER_WORKERS = 16
 
 

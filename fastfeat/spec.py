@@ -7,7 +7,33 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from .errors import InputError
-from .transforms import Preprocess
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize` (bilinear or bicubic, antialiased), center-crop `image_size`,
+    normalize: torchvision's `Resize(256)`, `CenterCrop(224)`, `ToTensor()`, `Normalize(mean, std)`,
+    the preset that torchvision's weights carry as `weights.transforms()`."""
+
+    resize: int = 256
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(f"unknown --interpolation {self.interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
+        if self.image_size < 1 or self.resize < 1:
+            raise InputError(f"--image-size and --resize must be at least 1, got {self.image_size} and {self.resize}")
+        if self.image_size > self.resize:
+            raise InputError(f"--image-size {self.image_size} is larger than --resize {self.resize}: "
+                             "the center crop must fit inside the resized image")
+
 
 # What must agree for a head or checkpoint to be reused on other features: the precision may differ.
 MATCHED = ("arch", "weights_sha256", "feature_dim", "resize", "image_size", "interpolation", "mean", "std")

@@ -13,13 +13,12 @@ import torch
 from .errors import FastfeatError
 from .linear import feature_stats
 from .model_files import LinearHead
+from .settings import SWEEP_L2_ROWS, SWEEP_LRS
 from .views import ViewSampler, flip_average
 
 if TYPE_CHECKING:
-    from .head import HeadOptions
+    from .settings import HeadOptions
 
-SWEEP_LRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-SWEEP_L2_ROWS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # the default weight decays: these / fit rows
 
 
 @dataclass

@@ -3,37 +3,11 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side to `resize` (bilinear or bicubic, antialiased), center-crop `image_size`,
-    normalize: torchvision's `Resize(256)`, `CenterCrop(224)`, `ToTensor()`, `Normalize(mean, std)`,
-    the preset that torchvision's weights carry as `weights.transforms()`."""
-
-    resize: int = 256
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in INTERPOLATIONS:
-            raise InputError(f"unknown --interpolation {self.interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
-        if self.image_size < 1 or self.resize < 1:
-            raise InputError(f"--image-size and --resize must be at least 1, got {self.image_size} and {self.resize}")
-        if self.image_size > self.resize:
-            raise InputError(f"--image-size {self.image_size} is larger than --resize {self.resize}: "
-                             "the center crop must fit inside the resized image")
+from .settings import Augment
+from .spec import Preprocess
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -154,43 +128,6 @@ def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tens
     return results[torch.argsort(grouped)]
 
 
-@dataclass(frozen=True)
-class Augment:
-    """A fine-tune augmentation preset and its parameters (each preset reads only its own):
-
-    - `recipe`, the original article's: RandomResizedCrop(resize, scale=first_scale), RandomRotation(degrees),
-      ColorJitter(jitter) (its `ColorJitter()` is jitter=0: no change), RandomResizedCrop(image_size, scale),
-      RandomHorizontalFlip;
-    - `crop-flip`, the standard CIFAR one: the eval geometry (resize, center crop), a random image_size crop of
-      it reflect-padded by `pad` px per 32 px of image size (4 px at 32 px, 28 px at 224), horizontal flip;
-    - `rrc-flip`, the standard ImageNet one: RandomResizedCrop(image_size, crop_scale, ratio), horizontal flip.
-
-    `jitter` (brightness, contrast, saturation in 1 +- jitter) applies to every preset; then normalize."""
-
-    preset: str = "recipe"
-    first_scale: tuple[float, float] = (0.8, 1.0)
-    degrees: float = 15.0
-    jitter: float = 0.0
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    pad: float = 4.0
-    # a short fine-tune wants mild crops: the scales measured on the transfer task are in docs/results.md
-    crop_scale: tuple[float, float] = (0.75, 1.0)
-
-    def __post_init__(self) -> None:
-        if self.preset not in AUGMENT_PRESETS:
-            raise InputError(f"unknown --augment {self.preset!r}: choose {', '.join(AUGMENT_PRESETS)}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise InputError(f"--crop-scale must be two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1, got "
-                             f"{','.join(f'{v:g}' for v in self.crop_scale)}")
-        if not 0 <= self.pad < 32:
-            raise InputError(f"--pad must be at least 0 and below 32 (px at 32 px), got {self.pad:g}")
-
-    def pad_pixels(self, size: int) -> int:
-        """`pad` scaled from 32 px to `size`, short of the size itself (reflection needs a row to mirror)."""
-        return min(round(self.pad * size / 32), size - 1)
-
-
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, device=g.device) * (high - low) + low
 
@@ -286,7 +223,6 @@ def crop_flip(images: torch.Tensor, pre: Preprocess, aug: Augment, g: torch.Gene
 
 
 PRESETS = {"recipe": recipe_geometry, "crop-flip": crop_flip, "rrc-flip": rrc_flip}
-AUGMENT_PRESETS = tuple(PRESETS)
 
 
 def color_jitter(images: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:

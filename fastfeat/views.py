@@ -18,12 +18,9 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .transforms import AUGMENT_PRESETS, Augment, Preprocess, augment, per_size
+from .settings import DEFAULT_AUGMENT, FLIP, VIEW_AUGMENTS, VIEW_POLICIES
+from .transforms import Augment, Preprocess, augment, per_size
 
-FLIP = "flip"
-TTA_CHOICES = (FLIP,)
-VIEW_AUGMENTS = AUGMENT_PRESETS  # the augmentation presets a view can be drawn with
-VIEW_POLICIES = ("sample", "center-only")
 AUGMENTED_SPLIT = "train"  # augmented views are for training: only this split gets them
 
 
@@ -41,7 +38,7 @@ class ViewPlan:
 
     flip: bool = False
     views: int = 0
-    augment: str = "crop-flip"
+    augment: str = DEFAULT_AUGMENT
     seed: int = 0
 
     def __post_init__(self) -> None:

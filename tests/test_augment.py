@@ -137,8 +137,8 @@ def test_augment_keeps_the_recipe_by_default_and_refuses_bad_values():
 @pytest.mark.parametrize("argv, message", [
     (["--crop-scale", "0"], "--crop-scale must be two numbers"),
     (["--crop-scale", "0,1"], "--crop-scale must be two numbers"),
-    (["--augment", "cutout"], "invalid choice: 'cutout'"),
-    (["--pad", "-2"], "--pad must be at least 0"),
+    (["--augment", "cutout"], "--augment must be one of recipe, crop-flip, rrc-flip, got 'cutout'"),
+    (["--pad", "-2"], "--pad must be a finite number >= 0 and < 32"),
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
 def test_bad_augment_values_are_one_line(argv, message, tmp_path, capsys):

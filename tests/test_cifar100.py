@@ -14,7 +14,7 @@ from test_safe_loading import TINY, Payload, fastfeat, refused
 from fastfeat import InputError, open_dataset, read_cache
 from fastfeat.cache import default_cache_path
 from fastfeat.cli import main
-from fastfeat.options import DataOptions
+from fastfeat.settings import DataOptions
 from fastfeat.sources import DATASET_KINDS
 from fastfeat.synthetic import ImageSet, make_split, write_cifar100
 

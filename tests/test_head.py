@@ -245,8 +245,8 @@ def test_bad_caches_fail_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(optimizer="adam"), "unknown --optimizer 'adam'"),
-    (dict(epochs=0), "at least 1"),
+    (dict(optimizer="adam"), "--optimizer must be one of sgd, adamw, lbfgs, got 'adam'"),
+    (dict(epochs=0), "--epochs must be a whole number >= 1"),
     (dict(lr=0.0), "--lr must be a finite number > 0"),
     (dict(label_smoothing=1.0), "--label-smoothing"),
     (dict(device="tpu"), "device 'tpu'"),

@@ -176,16 +176,16 @@ def test_every_option_is_a_flag_with_the_dataclass_default():
 def test_k_option_parsing():
     assert check_options(KnnOptions(k=(200, 10, 20, 10))).k == (10, 20, 200)
     assert check_options(KnnOptions(k=(3,))).k == (3,)
-    with pytest.raises(InputError, match="whole numbers of at least 1"):
+    with pytest.raises(InputError, match="--k must be a whole number, got 2.5"):
         check_options(KnnOptions(k=(2.5,)))
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--k", "0"], "--k must be whole numbers of at least 1, got 0"),
-    (["--k", "10,-5"], "--k must be whole numbers of at least 1, got 10,-5"),
+    (["--k", "0"], "--k must be a whole number >= 1, got 0"),
+    (["--k", "10,-5"], "--k must be a whole number >= 1, got -5"),
     (["--k", "ten"], "argument --k: invalid comma-separated int value: 'ten'"),
     (["--k", "2.5"], "argument --k: invalid comma-separated int value: '2.5'"),
-    (["--k", ","], "at least one neighbour count"),
+    (["--k", ","], "--k needs at least one value"),
     (["--k", "700", "--val-fraction", "0"], "more neighbours than the 600 train rows"),
     (["--k", "550"], "more neighbours than the 540 train rows outside validation"),
     (["--temperature", "0"], "--temperature must be a finite number > 0"),
@@ -194,7 +194,7 @@ def test_k_option_parsing():
     (["--temperature", "inf"], "not a finite number"),
     (["--val-fraction", "1"], "--val-fraction must be a finite number >= 0 and < 1"),
     (["--val-fraction", "-0.1"], "--val-fraction must be a finite number >= 0 and < 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
     (["--device", "tpu"], "unknown device"),
 ])
 def test_bad_input_is_one_line(toy_cache, capsys, args, match):
