@@ -32,6 +32,7 @@ from .errors import FastfeatError, InputError, check_number
 from .evaluation import classification_report
 from .model_files import LinearHead, save_head
 from .options import option
+from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
 from .reporting import epoch_line
 from .runtime import resolve_device
@@ -150,10 +151,16 @@ class HeadResult:
 def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
     """Train the head on the cache's train split less a validation holdout (the epoch lines' "Valid"),
     evaluate the test split once with the final head, and save it. With `val_fraction` 0 the epoch
-    lines validate on test, as the original recipe did."""
+    lines validate on test, as the original recipe did. Its outputs are checked, and the head's locked, first."""
     check_options(opts)
-    if opts.sweep:
-        return train_sweep(opts, log)
+    out = Path(opts.out) if opts.out else default_out(opts.cache)
+    check_output(out, "--out")
+    check_reports(opts.predictions, opts.plot)
+    with OutputLock(out):
+        return train_sweep(opts, log) if opts.sweep else _train_one(opts, log)
+
+
+def _train_one(opts: HeadOptions, log: Callable[[str], None]) -> HeadResult:
     device = resolve_device(opts.device)
     spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
     fit_x, fit_y, val_x, val_y, validation = validation_split(opts, device, train_x, train_y, test_x, test_y)
@@ -325,8 +332,6 @@ def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, 
     for split, labels in cache.labels.items():
         if len(labels) == 0:
             raise InputError(f"{path}: the {split} split is empty")
-        if labels.min() < 0 or labels.max() >= len(classes):
-            raise InputError(f"{path}: {split} labels are outside 0..{len(classes) - 1} ({len(classes)} classes)")
         missing = [name for name, count in zip(classes, np.bincount(labels, minlength=len(classes))) if count == 0]
         if missing:
             raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")
