@@ -85,14 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_writable(path: str | None) -> None:
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {path}: {parent} is not writable")
+def _check_writable(path: str | None, flag: str = "--metrics") -> None:
+    from .outputs import check_output
+
+    check_output(path, flag)
 
 
 def run_cache(args: argparse.Namespace) -> None:
@@ -177,7 +173,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
     from .bench import BenchOptions, benchmark
 
-    _check_writable(args.json)
+    _check_writable(args.json, "--json")
     result = benchmark(replace(from_args(BenchOptions, args), what=args.what), log=print)
     print("\n".join(result.table()))
     if args.json:
@@ -189,6 +185,8 @@ def run_predict(args: argparse.Namespace) -> None:
 
     if bool(args.images) == bool(args.data):
         raise InputError("give either image files or --data DIR")
+    _check_writable(args.metrics)
+    _check_writable(args.predictions, "--predictions")
     predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp, args.tta)
     if args.data:
         from .evaluation import classification_report, write_predictions
@@ -263,7 +261,8 @@ def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, FastfeatError):
         return f"error: {exc}", exc.exit_code
     if isinstance(exc, Terminated):
-        return f"terminated (under torchrun: another rank failed, see its error){resume}", 143
+        torchrun = " (under torchrun: another rank failed, see its error)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        return f"terminated{torchrun}{resume}", 143
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted{resume}", 130
     if isinstance(exc, MemoryError):
@@ -278,6 +277,7 @@ def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit: writes fail (one line), not the process
     try:
         args.run(args)
     except (Exception, KeyboardInterrupt) as exc:
