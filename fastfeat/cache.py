@@ -5,6 +5,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .cache_file import CacheWriter, finished_shard, shard_path
 from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
 from .errors import FastfeatError, InputError
 from .loaders import center_and_decoded_batches, eval_batches, resolve_loader
+from .outputs import OutputLock, check_output
 from .reporting import progress
 from .runtime import choose_precision, compile_wanted, host_arrays
 from .settings import CacheOptions
@@ -106,14 +108,21 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     """
     if opts.batch_size is not None and opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    plan = opts.view_plan()
     world, device = init_world(opts.device)
     dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed)
     if world.is_main:
         warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)
+    check_output(out, "--out")
+    with OutputLock(out) if world.is_main else nullcontext():  # rank 0 writes the final file
+        return _build_cache(opts, out, dataset, world, device, backbone, extractor)
+
+
+def _build_cache(opts: CacheOptions, out: Path, dataset: Dataset, world: World, device: torch.device,
+                 backbone: Backbone | None, extractor: FeatureExtractor | None) -> CacheResult:
     if out.exists() and not opts.overwrite:
         raise InputError(f"{out} already exists (pass --overwrite to replace it)")
+    plan = opts.view_plan()
     loader = resolve_loader(opts.loader)
     chosen = choose_precision(device, opts.amp, opts.amp_dtype)
     backbone = backbone or opts.build()

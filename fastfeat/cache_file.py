@@ -8,11 +8,16 @@ the attributes `transforms` and `seeds` (JSON lists: each view's transform and s
 random); readers that know only `features` read such a cache as before.
 A cache is written as `<out>.partial`, batch by batch (each split's `rows_written` attribute
 is updated after its rows are flushed), and renamed to `<out>` with `complete=True` at the end.
+Its datasets are allocated and zero-filled when it is created, so a full disk fails then, before any work;
+any write that still fails is one line, the file is closed and nothing more is written to it (HDF5 has
+no way back from a failed write). Reading checks every dataset and attribute a reader relies on.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,8 +66,10 @@ class CacheWriter:
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out} already exists (pass --overwrite to replace it)")
         self.attrs, self.split_files = file_attrs(attrs, split_rows, dtype), split_files or {}
+        self.rows_done, self.resumed = 0, False  # rows this run wrote: a failed run that wrote none leaves no .partial behind
         self.split_views = {split: views for split, views in (split_views or {}).items() if views}
-        if self.tmp.exists() and resume:
+        self.resumed = self.tmp.exists() and resume
+        if self.resumed:
             self.file = self._reopen()
         elif self.tmp.exists() and not overwrite:
             raise InputError(f"{self.tmp} is left from an interrupted run: pass --resume to continue it or --overwrite to start over")
@@ -75,22 +82,38 @@ class CacheWriter:
             f = h5py.File(self.tmp, "w")
         except OSError as exc:
             raise InputError(f"cannot write {self.tmp}: {exc.strerror or exc}") from None
-        for key, value in self.attrs.items():
-            f.attrs[key] = value
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        f.attrs["complete"] = False
-        for split, n in split_rows.items():
-            group = f.create_group(split)
-            chunk = max(1, min(n, CHUNK_ROWS))
-            group.create_dataset("features", (n, feature_dim), dtype=dtype, chunks=(chunk, feature_dim))
-            group.create_dataset("labels", (n,), dtype="int64", chunks=(chunk,))
-            if split in self.split_files:
-                group.create_dataset("files", data=self.split_files[split], dtype=h5py.string_dtype())
-            if split in self.split_views:
-                _create_views(group, self.split_views[split], n, chunk, feature_dim, dtype)
-            group.attrs["rows_written"] = 0
-        f.flush()
+        self.file = f
+        with self._io():
+            for key, value in self.attrs.items():
+                f.attrs[key] = value
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            f.attrs["complete"] = False
+            for split, n in split_rows.items():
+                group = f.create_group(split)
+                chunk = max(1, min(n, CHUNK_ROWS))
+                group.create_dataset("features", (n, feature_dim), dtype=dtype, chunks=(chunk, feature_dim),
+                                     dcpl=_reserved())
+                group.create_dataset("labels", (n,), dtype="int64", chunks=(chunk,), dcpl=_reserved())
+                if split in self.split_files:
+                    group.create_dataset("files", data=self.split_files[split], dtype=h5py.string_dtype())
+                if split in self.split_views:
+                    _create_views(group, self.split_views[split], n, chunk, feature_dim, dtype)
+                group.attrs["rows_written"] = 0
+            f.flush()
         return f
+
+    @contextmanager
+    def _io(self):
+        """HDF5 and file-system failures (a full disk, a size limit, an I/O error) as one line; the file is
+        closed at once, since HDF5 cannot continue after a failed write."""
+        try:
+            yield
+        except (OSError, RuntimeError, ValueError) as exc:
+            _close(self.file)
+            if not self.rows_done and not self.resumed:
+                self.tmp.unlink(missing_ok=True)  # nothing computed yet: nothing to keep
+            raise FastfeatError(f"cannot write {self.tmp}: {_reason(exc)}" + (
+                "; free space and rerun with --resume to continue" if self.rows_done else "")) from None
 
     def _reopen(self) -> h5py.File:
         try:
@@ -116,22 +139,25 @@ class CacheWriter:
         stop = start + len(features)
         if ("views" in group) != (views is not None):
             raise FastfeatError(f"{self.tmp}: split {split} {'needs' if 'views' in group else 'has no'} views")
-        group["features"][start:stop] = features
-        group["labels"][start:stop] = labels
-        if views is not None:
-            group["views"][start:stop] = views
-        self.file.flush()
-        group.attrs["rows_written"] = stop
-        self.file.flush()
+        with self._io():
+            group["features"][start:stop] = features
+            group["labels"][start:stop] = labels
+            if views is not None:
+                group["views"][start:stop] = views
+            self.file.flush()
+            group.attrs["rows_written"] = stop
+            self.file.flush()
+        self.rows_done += stop - start
 
     def finish(self) -> Path:
         """Check every split is full, mark the file complete and move it to its final name."""
         for split in self.file:
             if self.rows_written(split) != len(self.file[split]["labels"]):
                 raise FastfeatError(f"{self.tmp}: split {split} is not fully written")
-        self.file.attrs["complete"] = True
-        self.file.close()
-        os.replace(self.tmp, self.out)
+        with self._io():
+            self.file.attrs["complete"] = True
+            self.file.close()
+            os.replace(self.tmp, self.out)
         return self.out
 
     def append_shards(self, shards: list[Path]) -> None:
@@ -149,18 +175,43 @@ class CacheWriter:
 
     def close(self) -> None:
         """Close without finishing: a partial file with rows stays for `--resume`, an empty one goes."""
-        if not self.file.id.valid:
-            return
-        empty = all(self.rows_written(split) == 0 for split in self.file)
-        self.file.close()
+        if self.file.id.valid:
+            empty = all(self.rows_written(split) == 0 for split in self.file)
+            _close(self.file)
+        else:
+            empty = not self.rows_done and not self.resumed
         if empty:
-            self.tmp.unlink()
+            self.tmp.unlink(missing_ok=True)
+
+
+def _reserved() -> h5py.h5p.PropDCID:
+    """Dataset creation: every chunk allocated and zero-filled now, so the disk space is taken before the work."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    return dcpl
+
+
+def _close(f: h5py.File) -> None:
+    """Close `f` even after a failed write (h5py's first close then fails while releasing it)."""
+    for _ in range(2):
+        try:
+            f.close()
+            return
+        except (OSError, RuntimeError, ValueError):
+            pass
+
+
+def _reason(exc: Exception) -> str:
+    """The operating system's words from an HDF5 error ("File too large"), else the first line."""
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    return found[1] if found else getattr(exc, "strerror", None) or str(exc).splitlines()[0]
 
 
 def _create_views(group: h5py.Group, views: list[dict], rows: int, chunk: int, feature_dim: int, dtype: str) -> None:
     """`views` (rows, V, D), each view's transform and seed in its attributes."""
     data = group.create_dataset("views", (rows, len(views), feature_dim), dtype=dtype,
-                                chunks=(chunk, len(views), feature_dim))
+                                chunks=(chunk, len(views), feature_dim), dcpl=_reserved())
     data.attrs["transforms"] = json.dumps([v["transform"] for v in views])
     data.attrs["seeds"] = json.dumps([v["seed"] for v in views])
 
@@ -233,7 +284,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "tes
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
         raise InputError(f"cache {path} does not exist{hint}")
     f, attrs = _open_cache(path)
-    with f:
+    with f, _reading(path):
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
         features, labels, files = {}, {}, {}
@@ -247,6 +298,9 @@ def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "tes
                 files[split] = f[split]["files"].asstr()[:].tolist()
             if features[split].ndim != 2 or len(features[split]) != len(labels[split]):
                 raise InputError(f"{path}: {split}/features and {split}/labels do not match in shape")
+            _check_labels(path, split, labels[split], len(json.loads(attrs["classes"])))
+            if split in files and len(files[split]) != len(labels[split]):
+                raise InputError(f"{path}: {split}/files has {len(files[split])} rows, {split}/labels {len(labels[split])}")
             recorded = attrs.get("feature_dim", features[split].shape[1])
             if features[split].shape[1] != recorded:
                 raise InputError(f"{path}: {split} features are {features[split].shape[1]}-d, the cache records {recorded}")
@@ -260,7 +314,7 @@ def read_views(path: str | Path, splits: tuple[str, ...]) -> dict[str, tuple[np.
     """Only the extra views of those of `splits` that have them (see `read_cache`), for a reader that
     has the features already."""
     f, _ = _open_cache(Path(path))
-    with f:
+    with f, _reading(Path(path)):
         found = {split: _read_views(Path(path), f[split], split, f[split]["features"].shape)
                  for split in splits if split in f}
     return {split: (views, names) for split, (views, names) in found.items() if views is not None}
@@ -294,6 +348,24 @@ def split_files(path: str | Path, split: str) -> list[str] | None:
         return f[split]["files"].asstr()[:].tolist() if split in f and "files" in f[split] else None
 
 
+def _check_labels(path: Path, split: str, labels: np.ndarray, classes: int) -> None:
+    """Labels are one integer per row in [0, classes): anything else would index past the head's outputs."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: {split}/labels must be 1-d integers, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise InputError(f"{path}: {split}/labels are outside 0..{classes - 1} (the cache's {classes} classes): "
+                         f"they hold {labels.min()}..{labels.max()}")
+
+
+@contextmanager
+def _reading(path: Path):
+    """HDF5 read errors (a damaged file) as one line."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise InputError(f"{path} is damaged ({str(exc).splitlines()[0]}): re-create it with fastfeat cache") from None
+
+
 def _open_cache(path: Path) -> tuple[h5py.File, dict]:
     """The open file and its attributes as plain values, or a one-line error if it is no fastfeat cache."""
     try:
@@ -304,6 +376,13 @@ def _open_cache(path: Path) -> tuple[h5py.File, dict]:
     if "fastfeat_version" not in attrs or "classes" not in attrs:
         f.close()
         raise InputError(f"{path} is not a fastfeat cache (no fastfeat attributes)")
+    try:
+        classes = json.loads(attrs["classes"])
+    except (TypeError, ValueError):
+        classes = None
+    if not isinstance(classes, list):
+        f.close()
+        raise InputError(f"{path}: its classes attribute is not a JSON list of names: re-create it with fastfeat cache")
     return f, attrs
 
 
@@ -311,7 +390,7 @@ def describe_cache(path: str | Path) -> dict:
     """What a cache holds, complete or not, without reading its features: the attributes, and per split
     its rows, the rows written so far and the stored feature dtype."""
     f, attrs = _open_cache(Path(path))
-    with f:
+    with f, _reading(Path(path)):
         splits = {name: {"rows": len(group["labels"]), "rows_written": int(group.attrs["rows_written"]),
                          "features": f"{tuple(group['features'].shape)} {group['features'].dtype}",
                          **_describe_views(group)}

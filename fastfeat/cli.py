@@ -63,14 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_writable(path: str | None) -> None:
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {path}: {parent} is not writable")
+def _check_writable(path: str | None, flag: str = "--metrics") -> None:
+    from .outputs import check_output
+
+    check_output(path, flag)
 
 
 def run_cache(args: argparse.Namespace) -> None:
@@ -158,7 +154,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import BenchOptions, benchmark
 
-    _check_writable(args.json)
+    _check_writable(args.json, "--json")
     result = benchmark(from_args(BenchOptions, args), log=print)
     print("\n".join(result.table()))
     if args.json:
@@ -172,6 +168,8 @@ def run_predict(args: argparse.Namespace) -> None:
     metrics, args = args.metrics, from_args(PredictOptions, args)
     if bool(args.images) == bool(args.data):
         raise InputError("give either image files or --data DIR")
+    _check_writable(args.metrics)
+    _check_writable(args.predictions, "--predictions")
     predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp, args.tta)
     if args.data:
         from .evaluation import classification_report, write_predictions
@@ -254,7 +252,8 @@ def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, FastfeatError):
         return f"error: {exc}", exc.exit_code
     if isinstance(exc, Terminated):
-        return f"terminated (under torchrun: another rank failed, see its error){resume}", 143
+        torchrun = " (under torchrun: another rank failed, see its error)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        return f"terminated{torchrun}{resume}", 143
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted{resume}", 130
     if isinstance(exc, MemoryError):
@@ -272,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # argparse's own message would name only `fastfeat`, not the command
         parser.exit(2, f"fastfeat {args.command}: error: unrecognized arguments: {' '.join(unknown)}\n")
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit: writes fail (one line), not the process
     try:
         args.run(args)
     except (Exception, KeyboardInterrupt) as exc:

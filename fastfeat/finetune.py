@@ -11,6 +11,7 @@ import copy
 import functools
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .freezing import frozen_parameters
-from .distributed import World, all_reduce_sum, barrier, init_world, shard_range
+from .distributed import World, all_reduce_sum, barrier, init_world, is_main_process, shard_range
 from .errors import FastfeatError, InputError
 from .evaluation import classification_report, write_reports
 from .loaders import eval_batches, resolve_loader, train_batches
@@ -33,12 +34,13 @@ from .model_files import (
     read_model_file,
     save_checkpoint,
 )
+from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
 from .reporting import epoch_line, progress
 from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, resolve_device
 from .settings import FRESH_HEAD_SMOOTHING, SCHEDULES, Augment, FinetuneOptions
 from .sources import Split, open_dataset
-from .spec import FeatureSpec
+from .spec import FeatureSpec, plain
 from .validation import ValidationPlan
 
 
@@ -326,11 +328,22 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
 
 
+# what a resumed run may change: where and how fast it runs, its reports, and --epochs (to train longer)
+RUNTIME_OPTIONS = frozenset({"data", "download", "loader", "device", "amp", "amp_dtype", "channels_last", "compile",
+                             "progress", "checkpoint_dir", "predictions", "plot", "resume", "epochs"})
+
+
 def _resume(trainer: Trainer, last: Path) -> None:
     state = read_checkpoint(last)
     checkpoint_spec(state, last).check_matches(trainer.spec, f"cannot resume from {last}: it", "this run's backbone")
     if state["classes"] != trainer.classes:
         raise InputError(f"cannot resume from {last}: it has classes {state['classes']}, the data has {trainer.classes}")
+    saved, now = state.get("options", {}), asdict(trainer.opts)
+    changed = sorted(k for k in now if k not in RUNTIME_OPTIONS and k in saved and plain(saved[k]) != plain(now[k]))
+    if changed:
+        raise InputError(f"cannot resume from {last}: it was trained with different " + ", ".join(
+            f"--{k.replace('_', '-')} ({saved[k]!r}, now {now[k]!r})" for k in changed) +
+            " (rerun with those, or choose another --checkpoint-dir)")
     trainer.load_state(state)
 
 
@@ -339,9 +352,16 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     each epoch; then evaluate the test split once with the last model and best.pt.
 
     Under torchrun: DistributedDataParallel, each rank on a disjoint share of every epoch's shuffle;
-    losses and accuracies are summed over ranks; only rank 0 logs and writes checkpoints.
+    losses and accuracies are summed over ranks; only rank 0 logs, writes checkpoints and holds their lock.
     """
     check_options(opts)
+    check_output(opts.checkpoint_dir, "--checkpoint-dir", directory=True)
+    check_reports(opts.predictions, opts.plot)
+    with OutputLock(opts.checkpoint_dir) if is_main_process() else nullcontext():
+        return _finetune(opts, log)
+
+
+def _finetune(opts: FinetuneOptions, log) -> FinetuneResult:
     world, device = init_world(opts.device)
     dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed)
     dataset.require_every_class()

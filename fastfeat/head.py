@@ -22,6 +22,7 @@ from .errors import InputError
 from .evaluation import classification_report
 from .linear import evaluated, fit_head, refit_head, with_defaults
 from .model_files import LinearHead, save_head
+from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
 from .runtime import resolve_device
 from .settings import HeadOptions
@@ -90,9 +91,14 @@ class HeadResult:
 def train_head(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
     """Train the head on the cache's train split less a validation holdout (the epoch lines' "Valid"),
     evaluate the test split once with the final head, and save it. With `val_fraction` 0 the epoch
-    lines validate on test, as the original recipe did. `--sweep` trains its grid instead (`fit_sweep`)."""
+    lines validate on test, as the original recipe did. `--sweep` trains its grid instead (`fit_sweep`).
+    Its outputs are checked, and the head's file locked, before the work."""
     check_options(opts)
-    return run(opts, log, fit_sweep if opts.sweep else fit_single)
+    out = Path(opts.out) if opts.out else default_out(opts.cache)
+    check_output(out, "--out")
+    check_reports(opts.predictions, opts.plot)
+    with OutputLock(out):
+        return run(opts, log, fit_sweep if opts.sweep else fit_single)
 
 
 def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadResult:
@@ -270,8 +276,6 @@ def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, 
     for split, labels in cache.labels.items():
         if len(labels) == 0:
             raise InputError(f"{path}: the {split} split is empty")
-        if labels.min() < 0 or labels.max() >= len(classes):
-            raise InputError(f"{path}: {split} labels are outside 0..{len(classes) - 1} ({len(classes)} classes)")
         missing = [name for name, count in zip(classes, np.bincount(labels, minlength=len(classes))) if count == 0]
         if missing:
             raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")

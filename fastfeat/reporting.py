@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InputError, refused_pickle
+from .errors import FastfeatError, InputError, refused_pickle
 
 LOG_PROGRESS_SECONDS = 60.0  # how often progress is written when stderr is a log file, not a terminal
 LOG_PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %), {elapsed} elapsed, {rate_fmt}"
@@ -46,15 +46,18 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0, unit
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path`, then rename it: a crash never leaves a truncated file."""
+    """`write` a temporary file beside `path`, then rename it: a crash or a full disk never leaves a truncated
+    file, only the previous one. torch's serializer reports a failed write as a RuntimeError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise FastfeatError(f"cannot write {path}: {reason}") from None
 
 
 def write_json(path: str | Path, payload: dict) -> None:
