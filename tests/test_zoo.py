@@ -278,8 +278,11 @@ def test_resume_refuses_a_replaced_array_file(tmp_path, monkeypatch):
     opts = CacheOptions(data=str(tmp_path), dataset="svhn", out=str(tmp_path / "c.h5"), weights="none", image_size=32,
                         resize=32, device="cpu", progress=False, loader="torch", amp=False, batch_size=2)
     interrupt_cache(monkeypatch, lambda: build_cache(opts), lambda split, start: split == "train" and start == 2)
-    write_svhn(tmp_path, {"train": 7, "test": 2})
-    with pytest.raises(InputError, match="cannot resume .*different dataset_s"):
+    import scipy.io
+
+    mat = scipy.io.loadmat(tmp_path / "train_32x32.mat")  # the same labels, other pixels
+    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": 255 - mat["X"], "y": mat["y"]})
+    with pytest.raises(InputError, match="cannot resume .*different dataset_source"):
         build_cache(CacheOptions(**{**opts.__dict__, "resume": True}))
 
 

@@ -146,8 +146,8 @@ class ArraySet:
             labels = checked_labels(labels, len(classes), f"{files[-1]} ({split})", rows=len(images))
             contiguous = images if isinstance(images, np.memmap) else np.ascontiguousarray(images)
             out[split], read = Split(split, labels, images=contiguous), read + files
-        # the files and their sizes: --resume refuses a replaced array file (rows_sha256 sees only labels)
-        source = ",".join(f"{f.relative_to(root)}:{f.stat().st_size}" for f in read)
+        # each file's name, size and mtime: --resume refuses a rewritten array file (rows_sha256 sees only labels)
+        source = ",".join(f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in read)
         return Dataset(self.kind, root, classes, out, source=source)
 
     def source_kind(self) -> SourceKind:
