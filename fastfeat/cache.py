@@ -109,7 +109,7 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     if opts.batch_size is not None and opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed)
+    dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed, opts.columns())
     if world.is_main:
         warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)

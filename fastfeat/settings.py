@@ -80,7 +80,9 @@ class DataOptions(Checked):
     data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, train/ and test/ "
                                "(or val/) class folders, or train.csv and test.csv file lists", group="data")
     dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels; "
-                                  "list: path,label rows; mnist, dtd, ...: torchvision's layouts; see docs/sources.md)",
+                                  "list: path,label rows; mnist, dtd, ...: torchvision's layouts; hf: a Hugging Face "
+                                  "save_to_disk or parquet directory; hf:NAME[:CONFIG]: a Hugging Face hub dataset, "
+                                  "cached in --data; see docs/sources.md)",
                           choices=DATASET_KINDS, group="data")
     download: bool = option(False, "download the --dataset (auto: CIFAR-10) into --data first, with torchvision",
                             group="data")
@@ -88,6 +90,13 @@ class DataOptions(Checked):
                                      "kept in dataset order", group="data", min=1)
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
                          choices=LOADERS, group="data")
+    image_column: str | None = option(None, "a Hugging Face dataset's image column (default: its first Image one)",
+                                      group="data")
+    label_column: str | None = option(None, "a Hugging Face dataset's label column (default: its first ClassLabel one)",
+                                      group="data")
+
+    def columns(self) -> tuple[str | None, str | None]:
+        return self.image_column, self.label_column
 
 
 @dataclass

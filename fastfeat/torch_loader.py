@@ -1,7 +1,7 @@
 """The pure-torch pipeline: uint8 batches moved to the device, transformed there in one go.
 
 Arrays are sliced into batches; folders are read and decoded by DataLoader workers with
-torchvision.io (the only per-image work: decoding is per image by nature).
+torchvision.io, or PIL for the formats it lacks (the only per-image work: decoding is per image by nature).
 """
 from __future__ import annotations
 
@@ -17,9 +17,18 @@ from .runtime import loader_workers
 from .sources import Split
 
 
+# formats torchvision.io does not decode (GTSRB's .ppm): PIL decodes them, as DALI's decoder does
+PIL_SUFFIXES = (".ppm", ".pgm", ".pbm", ".bmp")
+
+
 def decode_file(path: str) -> torch.Tensor | None:
     """CHW uint8 RGB image, or None when the file is not a readable image."""
     try:
+        if path.lower().endswith(PIL_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
         return decode_image(read_file(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError):
         return None

@@ -34,12 +34,16 @@ def write_list(folder, name: str = "train.csv", labels: str = "names", sep: str 
 
 
 def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):
-    assert DATASET_KINDS == ("auto", *KINDS) and {"cifar10", "cifar100", "folder", "list", "mnist", "fashion_mnist", "dtd",
-                                                             "oxford_pets"} <= set(KINDS)
+    assert DATASET_KINDS == ("auto", *KINDS) and {"cifar10", "cifar100", "hf", "folder", "list", "mnist", "fashion_mnist",
+                                                  "dtd", "oxford_pets"} <= set(KINDS)
+    assert "hf:uoft-cs/cifar10" in DATASET_KINDS and "hf:" in DATASET_KINDS and "imagenet-x" not in DATASET_KINDS
     from fastfeat.errors import InputError
 
-    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, folder, list, mnist, "):
+    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, hf, folder, list, "
+                                         r"mnist, .*, country211, hf:NAME\[:CONFIG\]$"):
         open_dataset(tmp_path, "imagenet-x")
+    with pytest.raises(InputError, match=r"--dataset hf:NAME\[:CONFIG\] needs a NAME"):
+        open_dataset(tmp_path, "hf:")
 
 
 @pytest.mark.parametrize("labels, expected", [

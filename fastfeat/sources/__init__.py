@@ -13,18 +13,29 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from . import cifar, filelist, folder, zoo
+from . import cifar, filelist, folder, hf, zoo
 from .base import (IMAGE_SUFFIXES, SPLITS, Dataset, SourceKind, Split, balanced_rows, checked_labels,
                    stratified_holdout, visible)
 from .cifar import CIFAR10, CIFAR_LAYOUTS, CifarLayout, download_cifar, read_cifar
 from .folder import FOLDER_SPLIT_DIRS, read_folder
 
-KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, folder.KIND, filelist.KIND, *zoo.KINDS)}
-DATASET_KINDS = ("auto", *KINDS)
+# in --dataset auto's order: a save_to_disk directory has train/ and test/ folders too
+KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, hf.KIND, folder.KIND, filelist.KIND,
+                                                             *zoo.KINDS)}
+
+
+class DatasetNames(tuple):
+    """The --dataset choices: the table's names, and hf:NAME[:CONFIG] for any Hugging Face hub dataset."""
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and name.startswith(hf.PREFIX)) or super().__contains__(name)
+
+
+DATASET_KINDS = DatasetNames(("auto", *KINDS))
 
 __all__ = ["CIFAR10", "CIFAR_LAYOUTS", "DATASET_KINDS", "FOLDER_SPLIT_DIRS", "IMAGE_SUFFIXES", "KINDS", "SPLITS",
            "CifarLayout", "Dataset", "SourceKind", "Split", "balanced_rows", "checked_labels", "dataset_splits",
-           "detect_kind", "download_cifar", "open_dataset", "read_cifar", "read_folder", "rows_sha256",
+           "detect_kind", "download_cifar", "open_dataset", "source_for", "read_cifar", "read_folder", "rows_sha256",
            "stratified_holdout", "visible"]
 
 
@@ -35,10 +46,13 @@ def open_dataset(
     limit: int | None = None,
     download: bool = False,
     seed: int = 0,
+    columns: tuple[str | None, str | None] = (None, None),
 ) -> Dataset:
-    """Open `root` as the source kind `kind` (see `KINDS`; auto: whichever layout `root` holds);
+    """Open `root` as the source kind `kind` (see `KINDS`; auto: whichever layout `root` holds; hf:NAME[:CONFIG]:
+    that Hugging Face hub dataset, fetched into `root` on first use, as `datasets` does, `download` or not);
     `limit` keeps a class-balanced subset of at most that many rows per split (see `balanced_rows`).
-    `download` fetches a downloadable kind first (auto: CIFAR-10). `splits` None: every split it has."""
+    `download` fetches a downloadable kind first (auto: CIFAR-10). `splits` None: every split it has.
+    `columns`: a Hugging Face dataset's (image, label) columns (None: found by their feature types)."""
     root = Path(root)
     unknown = set(splits or ()) - set(SPLITS)
     if unknown or splits == ():
@@ -46,8 +60,10 @@ def open_dataset(
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     if kind not in DATASET_KINDS:
-        raise InputError(f"unknown dataset {kind!r}: choose from {', '.join(DATASET_KINDS)}")
-    if download:
+        raise InputError(f"unknown dataset {kind!r}: choose from {', '.join(DATASET_KINDS)}, {hf.PREFIX}NAME[:CONFIG]")
+    if kind.startswith(hf.PREFIX):
+        root.mkdir(parents=True, exist_ok=True)  # the hub dataset's cache
+    elif download:
         kind = "cifar10" if kind == "auto" else kind
         fetch = KINDS[kind].download
         if fetch is None:
@@ -56,7 +72,7 @@ def open_dataset(
         fetch(root)
     if not root.is_dir():
         raise InputError(f"data directory {root} does not exist (use --download for CIFAR-10)")
-    source = KINDS[detect_kind(root) if kind == "auto" else kind]
+    source = source_for(detect_kind(root) if kind == "auto" else kind, columns)
     has = source.splits(root)
     splits = has if splits is None else splits
     if "val" in splits and "val" not in has:
@@ -74,9 +90,14 @@ def open_dataset(
     return dataset
 
 
+def source_for(kind: str, columns: tuple[str | None, str | None] = (None, None)) -> SourceKind:
+    """The table's entry for `kind`, or the Hugging Face source it names (`columns`: its image, label columns)."""
+    return hf.source(kind, *columns) if hf.is_hf(kind) else KINDS[kind]
+
+
 def dataset_splits(root: Path, kind: str) -> tuple[str, ...]:
     """The splits the dataset of kind `kind` at `root` has."""
-    return KINDS[kind].splits(root)
+    return source_for(kind).splits(root)
 
 
 def detect_kind(root: Path) -> str:
