@@ -76,7 +76,7 @@ def test_the_bottleneck_is_the_slowed_stage(tmp_path, monkeypatch, capsys):
 
 def test_bench_refuses_bad_settings_in_one_line(capsys):
     code, _, err = run(["bench", "cache", "--images", "5"], capsys)
-    assert code == 2 and len(err) == 1 and "--images must be at least 10" in err[0]
+    assert code == 2 and len(err) == 1 and "--images must be a whole number >= 10, got 5" in err[0]
 
 
 def test_prefetch_keeps_order_raises_in_order_and_stops_early():
