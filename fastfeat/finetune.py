@@ -401,7 +401,7 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
     """
     check_options(opts)
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed)
+    dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed, opts.source_inputs())
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
     aug = augmentation(opts)

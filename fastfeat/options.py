@@ -15,7 +15,7 @@ from typing import Any
 from .backbone import DEFAULT_ARCH, Backbone, build_backbone, preprocess_for
 from .loaders import LOADERS
 from .runtime import AMP_DTYPES
-from .sources import DATASET_KINDS
+from .sources import DATASET_KINDS, SourceInputs
 from .transforms import INTERPOLATIONS, Preprocess
 
 
@@ -95,7 +95,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 @dataclass
 class DataOptions:
     data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, train/ and test/ "
-                               "(or val/) class folders, or train.csv and test.csv file lists", group="data")
+                               "(or val/) class folders, train.csv and test.csv file lists, train/*.tar and "
+                               "test/*.tar shards; or a shard pattern (DIR/train-{000000..000099}.tar, globs)",
+                       group="data")
     dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels; "
                                   "list: path,label rows; mnist, dtd, ...: torchvision's layouts; see docs/sources.md)",
                           choices=DATASET_KINDS, group="data")
@@ -105,6 +107,15 @@ class DataOptions:
                                      "kept in dataset order", group="data")
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
                          choices=LOADERS, group="data")
+    # webdataset shards: one pattern per split, and where the label is
+    train_data: str | None = option(None, "the train split's shard pattern (webdataset)", group="data")
+    test_data: str | None = option(None, "the test split's shard pattern (webdataset)", group="data")
+    label_key: str = option(SourceInputs.label_key, "webdataset: the member (.cls) or json field holding the label",
+                            group="data")
+
+    def source_inputs(self) -> SourceInputs:
+        given = (("train", self.train_data), ("test", self.test_data))
+        return SourceInputs(tuple((split, data) for split, data in given if data), self.label_key)
 
 
 @dataclass
