@@ -206,6 +206,29 @@ def shard_index(shard: Path) -> tuple[Path, list[Sample]]:
     raise InputError(f"cannot keep an index of {shard}: neither {places[0].parent} nor {places[1].parent} is writable")
 
 
+def dali_indexes(members: TarMembers, folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(shards, index files, image extensions) for DALI's webdataset reader to read exactly `members`, which
+    are in shard order: a shard's kept index when every sample of it is read, else an index of the samples
+    that are (written into `folder`, named by its content)."""
+    shards, indexes = [], []
+    for shard in dict.fromkeys(members.shard.tolist()):
+        rows = np.flatnonzero(members.shard == shard)
+        shards.append(members.shards[shard])
+        if len(rows) == members.samples[shard]:
+            indexes.append(members.indexes[shard])
+            continue
+        samples = [[Member(split_name(members.names[r])[1], int(members.offset[r]), int(members.size[r]),
+                           members.names[r])] for r in rows]
+        text = format_index(samples)
+        index = folder / f"{hashlib.sha256((members.shards[shard] + text).encode()).hexdigest()[:24]}.idx"
+        if not index.is_file():
+            temp = index.with_name(index.name + ".tmp")
+            temp.write_text(text, encoding="utf-8")
+            os.replace(temp, index)
+        indexes.append(str(index))
+    return shards, indexes, sorted({split_name(name)[1] for name in members.names})
+
+
 # ---- rows and labels -----------------------------------------------------------------------------------
 
 
