@@ -75,12 +75,14 @@ def shard_paths(pattern: str) -> list[Path]:
         matches = sorted(glob.glob(name)) if _MAGIC.search(name) else [name]
         if not matches:
             raise InputError(f"no shards match {name}")
-        for match in map(Path, matches):
-            if not match.is_file():
-                raise InputError(f"missing shard: {match}")
-            if match.suffix != ".tar":
-                raise InputError(f"{match} is not a .tar shard (compressed shards are not read)")
-            shards.append(match)
+        shards += map(Path, matches)
+    missing = [shard for shard in shards if not shard.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of the {len(shards)} that {pattern} names)" if len(missing) > 1 else ""
+        raise InputError(f"missing shard: {missing[0]}{more}")
+    other = next((shard for shard in shards if shard.suffix != ".tar"), None)
+    if other is not None:
+        raise InputError(f"{other} is not a .tar shard (compressed shards are not read)")
     return shards
 
 
@@ -142,6 +144,8 @@ def scan_tar(shard: Path) -> list[Sample]:
             members = [Member(split_name(m.name)[1], m.offset_data, m.size, m.name) for m in tar if m.isreg()]
             end = tar.offset
     except (tarfile.TarError, OSError) as exc:
+        if "end of data" in str(exc) or isinstance(exc, tarfile.TruncatedHeaderError):
+            raise InputError(f"{shard}: truncated tar (it ends inside a member)") from None
         raise InputError(f"{shard}: not a readable tar ({exc})") from None
     with shard.open("rb") as file:
         file.seek(end)
