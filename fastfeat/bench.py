@@ -8,8 +8,8 @@ On the same images, batch size and precision, it times
 - with `--vs-original`, the original recipe's pipeline (PIL transforms + DataLoader + fp32).
 Startup (model build, first passes: DALI pipeline build, oneDNN primitives, compile) is run first and
 reported apart. Each stage runs `--repeats` times, interleaved with the others; the best run counts.
-With no `--data` it generates CIFAR-like images (in CIFAR's python layout, and as a JPEG folder for
-`--dataset folder`), so it runs anywhere.
+With no `--data` it generates CIFAR-like images (in CIFAR's python layout, as a JPEG folder for
+`--dataset folder`, and as WebDataset shards of that folder for `--dataset webdataset`), so it runs anywhere.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from .runtime import (
     synchronize,
 )
 from .sources import DATASET_KINDS, Dataset, Split, open_dataset
-from .synthetic import data_or_sample
+from .synthetic import data_or_sample, write_shards
 from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 BENCHES = ("cache", "finetune")
@@ -62,6 +62,7 @@ BATCH_SIZES = {**{("cache", device): size for device, size in CACHE_BATCH_SIZES.
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
+SHARD_SAMPLES = 256  # samples per generated WebDataset shard
 OTHER_MODEL = "model "  # + a precision name: the bare model at a precision other than the run's
 
 
@@ -79,8 +80,8 @@ def native_dtypes(device: torch.device) -> list[torch.dtype | None]:
 class BenchOptions(RunOptions, BackboneOptions):
     what: str = "cache"  # the positional `cache|finetune`
     data: str | None = option(None, "dataset directory (default: generated CIFAR-like images)", group="data")
-    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder)",
-                          choices=DATASET_KINDS, group="data")
+    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder), "
+                                  "webdataset the same JPEGs read from tar shards", choices=DATASET_KINDS, group="data")
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
                          choices=LOADERS, group="data")
     images: int = option(1024, "images per timed stage", group="data")
@@ -419,6 +420,9 @@ def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
     root, described = data_or_sample(opts.data, opts.images, tmp, test_images=0)
     if opts.data is None and opts.dataset == "folder":
         root, described = root / "folder", described.replace("images", "JPEG images", 1)
+    elif opts.data is None and opts.dataset == "webdataset":
+        root = write_shards(root / "folder", root / "webdataset", SHARD_SAMPLES)
+        described = described.replace("images", f"JPEG images in shards of {SHARD_SAMPLES}", 1)
     return root, open_dataset(root, opts.dataset, ("train",), opts.images, seed=opts.seed), described
 
 

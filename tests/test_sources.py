@@ -38,7 +38,7 @@ def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):
                                                              "oxford_pets"} <= set(KINDS)
     from fastfeat.errors import InputError
 
-    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, folder, list, mnist, "):
+    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, webdataset, folder, list, mnist, "):
         open_dataset(tmp_path, "imagenet-x")
 
 
