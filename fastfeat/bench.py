@@ -8,8 +8,8 @@ On the same images, batch size and precision, it times
 - with `--vs-original`, the original recipe's pipeline (PIL transforms + DataLoader + fp32).
 Startup (model build, first passes: DALI pipeline build, oneDNN primitives, compile) is run first and
 reported apart. Each stage runs `--repeats` times, interleaved with the others; the best run counts.
-With no `--data` it generates CIFAR-like images (in CIFAR's python layout, and as a JPEG folder for
-`--dataset folder`), so it runs anywhere.
+With no `--data` it generates CIFAR-like images (in CIFAR's python layout, as a JPEG folder for
+`--dataset folder`, and as WebDataset shards of that folder for `--dataset webdataset`), so it runs anywhere.
 """
 from __future__ import annotations
 
@@ -49,12 +49,13 @@ from .runtime import (
 )
 from .settings import BenchOptions, CacheOptions, FinetuneOptions
 from .sources import Dataset, Split, open_dataset
-from .synthetic import data_or_sample
+from .synthetic import data_or_sample, write_shards
 from .spec import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 ORIGINAL_BATCH = {"cache": 64, "finetune": 16}  # the recipe's DataLoader batch sizes
 ORIGINAL_WORKERS = 2
 STAGE_NAMES = {"loader": "loader only", "model": "model only", "end_to_end": "end to end", "original": "original recipe"}
+SHARD_SAMPLES = 256  # samples per generated WebDataset shard
 OTHER_MODEL = "model "  # + a precision name: the bare model at a precision other than the run's
 
 
@@ -378,6 +379,9 @@ def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
     root, described = data_or_sample(opts.data, opts.images, tmp, test_images=0)
     if opts.data is None and opts.dataset == "folder":
         root, described = root / "folder", described.replace("images", "JPEG images", 1)
+    elif opts.data is None and opts.dataset == "webdataset":
+        root = write_shards(root / "folder", root / "webdataset", SHARD_SAMPLES)
+        described = described.replace("images", f"JPEG images in shards of {SHARD_SAMPLES}", 1)
     return root, open_dataset(root, opts.dataset, ("train",), opts.images, seed=opts.seed), described
 
 

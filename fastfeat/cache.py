@@ -65,9 +65,9 @@ class CacheResult:
 
 
 def default_cache_path(dataset: Dataset, arch: str) -> Path:
-    """data/<dataset>-<arch>.h5 (a folder's or list's own directory name, else the kind): caches of several
+    """data/<dataset>-<arch>.h5 (a folder's, list's or shards' own directory name, else the kind): caches of several
     backbones side by side."""
-    name = dataset.root.resolve().name if dataset.kind in ("folder", "list") else dataset.kind
+    name = dataset.root.resolve().name if dataset.kind in ("folder", "list", "webdataset") else dataset.kind
     return Path("data") / f"{name}-{arch.replace(':', '-')}.h5"
 
 
@@ -109,7 +109,8 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
     if opts.batch_size is not None and opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed, opts.columns())
+    dataset = open_dataset(opts.data, opts.dataset, opts.splits, opts.limit, opts.download, opts.seed,
+                           opts.source_inputs())
     if world.is_main:
         warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)

@@ -1,15 +1,17 @@
 """NVIDIA DALI pipelines: decode and augment on the GPU, or in DALI's CPU mode (the evaluation resize is
 torch's PIL-exact one, on DALI's decoded images).
 
-CIFAR arrays enter through `external_source`; folders through the file reader and the image
+CIFAR arrays enter through `external_source`; folders through the file reader, tar shards through the
+webdataset reader (in shard order; a shuffle's members through `external_source`), then the image
 decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the output is copied
 device-to-device into a torch tensor (no host round trip).
 """
 from __future__ import annotations
 
-import functools
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 os.environ.setdefault("DALI_NVIMGCODEC_LOG_LEVEL", "1")  # the decoder's own log: errors only
 
@@ -23,8 +25,9 @@ from tqdm import tqdm  # noqa: E402
 from .distributed import is_main_process
 from .errors import FastfeatError, InputError
 from .runtime import loader_workers
-from .sources import Split
-from .torch_loader import find_corrupt_file
+from .sources import Split, TarMembers
+from .sources.webdataset import dali_indexes
+from .torch_loader import find_corrupt_image
 from .transforms import Augment, Preprocess, eval_transform, per_size
 
 PREFETCH = 2
@@ -38,6 +41,32 @@ def _array_source(images: np.ndarray, order: np.ndarray, batch_size: int) -> Cal
     return batches
 
 
+def _member_source(members: TarMembers, order: np.ndarray, batch_size: int) -> Callable[[], Iterator[list]]:
+    def batches() -> Iterator[list[np.ndarray]]:
+        for start in range(0, len(order), batch_size):
+            yield [np.frombuffer(members.read(row), dtype=np.uint8) for row in order[start : start + batch_size]]
+
+    return batches
+
+
+_INDEX_DIR: tempfile.TemporaryDirectory | None = None  # this process's index files of shard subsets
+
+
+def read_members(members: TarMembers, order: np.ndarray, batch_size: int):
+    """Encoded tar members in `order`: in shard order (every cache, a rank's or a --limit's rows included)
+    DALI's webdataset reader, given each shard's kept index when every sample of it is read, else an index
+    of the samples that are; in any other order (a fine-tune's shuffle, which no reader follows) their bytes
+    read at their offsets, through `external_source`."""
+    global _INDEX_DIR
+    if not np.all(np.diff(order) > 0):
+        return fn.external_source(source=_member_source(members, order, batch_size), batch=True, dtype=types.UINT8)
+    _INDEX_DIR = _INDEX_DIR or tempfile.TemporaryDirectory(prefix="fastfeat-wds-")
+    paths, indexes, exts = dali_indexes(members.take(order), Path(_INDEX_DIR.name))
+    return fn.readers.webdataset(paths=paths, index_paths=indexes, ext=[";".join(exts)], case_sensitive_extensions=False,
+                                 missing_component_behavior="error", random_shuffle=False, pad_last_batch=True,
+                                 name="reader")
+
+
 def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
     """DALI graph input: decoded HWC uint8 images in `order`, on the GPU when `gpu`."""
     if split.images is not None:
@@ -45,9 +74,12 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
             source=_array_source(split.images, order, batch_size), batch=True, layout="HWC", dtype=types.UINT8
         )
         return images.gpu() if gpu else images
-    encoded, _ = fn.readers.file(
-        files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True, name="reader"
-    )
+    if split.members is not None:
+        encoded = read_members(split.members, order, batch_size)
+    else:
+        encoded, _ = fn.readers.file(
+            files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True, name="reader"
+        )
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
@@ -196,27 +228,33 @@ def _stop(pipe) -> None:
 
 def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatError:
     if split.files is not None:
-        bad = find_corrupt_file(tuple(split.files[i] for i in rows))
+        bad = find_corrupt_image(split, rows)
         if bad is not None:
             return InputError(f"corrupt image: {bad}")
     return FastfeatError(f"DALI pipeline failed: {str(exc).strip().splitlines()[0]}")
 
 
-@functools.lru_cache(maxsize=4)
-def check_headers(files: tuple[str, ...]) -> None:
-    """Refuse files whose image header does not parse: DALI's CPU decoder can crash the process
+_CHECKED: set[int] = set()  # hashes of the file lists whose headers parsed: each list is checked once
+
+
+def check_headers(split: Split) -> None:
+    """Refuse images whose header does not parse: DALI's CPU decoder can crash the process
     (not raise) on some broken files, so they must not reach it."""
+    key = hash(split.files)
+    if key in _CHECKED:
+        return
     # A bar only when the check is slow (a large folder on slow storage), on rank 0 and a terminal.
-    with tqdm(files, desc="check image headers", unit="file", delay=2, leave=False,
+    with tqdm(range(len(split)), desc="check image headers", unit="file", delay=2, leave=False,
               disable=None if is_main_process() else True) as shown:
-        bad = find_corrupt_file(shown, full_decode=False)
+        bad = find_corrupt_image(split, shown, full_decode=False)
     if bad is not None:
         raise InputError(f"corrupt image: {bad}")
+    _CHECKED.add(key)
 
 
 def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: torch.device, *args, seed: int | None = None):
     if split.files is not None:
-        check_headers(split.files)
+        check_headers(split)
     pipe = pipeline(
         split, order, *args, device.type == "cuda", batch_size,
         batch_size=batch_size, num_threads=loader_workers(), seed=seed,

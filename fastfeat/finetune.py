@@ -363,7 +363,7 @@ def finetune(opts: FinetuneOptions, log=print) -> FinetuneResult:
 
 def _finetune(opts: FinetuneOptions, log) -> FinetuneResult:
     world, device = init_world(opts.device)
-    dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed, opts.columns())
+    dataset = open_dataset(opts.data, opts.dataset, None, opts.limit, opts.download, opts.seed, opts.source_inputs())
     dataset.require_every_class()
     loader = resolve_loader(opts.loader)
     aug = augmentation(opts)

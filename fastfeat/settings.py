@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .cache_file import FEATURE_DTYPES
 from .errors import InputError
 from .options import SEED, Checked, option
-from .sources import DATASET_KINDS, SPLITS
+from .sources import DATASET_KINDS, SPLITS, SourceInputs
 from .spec import INTERPOLATIONS, Preprocess
 
 if TYPE_CHECKING:
@@ -78,7 +78,9 @@ class Augment:
 @dataclass
 class DataOptions(Checked):
     data: str = option("data", "dataset directory: cifar-10-batches-py/, cifar-100-python/, train/ and test/ "
-                               "(or val/) class folders, or train.csv and test.csv file lists", group="data")
+                               "(or val/) class folders, train.csv and test.csv file lists, train/*.tar and "
+                               "test/*.tar shards; or a shard pattern (DIR/train-{000000..000099}.tar, globs)",
+                       group="data")
     dataset: str = option("auto", "dataset layout (auto: whichever --data holds; cifar100: its 100 fine labels; "
                                   "list: path,label rows; mnist, dtd, ...: torchvision's layouts; hf: a Hugging Face "
                                   "save_to_disk or parquet directory; hf:NAME[:CONFIG]: a Hugging Face hub dataset, "
@@ -94,9 +96,16 @@ class DataOptions(Checked):
                                       group="data")
     label_column: str | None = option(None, "a Hugging Face dataset's label column (default: its first ClassLabel one)",
                                       group="data")
+    # webdataset shards: one pattern per split, and where the label is
+    train_data: str | None = option(None, "the train split's shard pattern (webdataset)", group="data")
+    test_data: str | None = option(None, "the test split's shard pattern (webdataset)", group="data")
+    label_key: str = option(SourceInputs.label_key, "webdataset: the member (.cls) or json field holding the label",
+                            group="data")
 
-    def columns(self) -> tuple[str | None, str | None]:
-        return self.image_column, self.label_column
+    def source_inputs(self) -> SourceInputs:
+        given = (("train", self.train_data), ("test", self.test_data))
+        return SourceInputs(tuple((split, data) for split, data in given if data), self.label_key,
+                            (self.image_column, self.label_column))
 
 
 @dataclass
@@ -289,7 +298,8 @@ BENCH_BATCH_SIZES = {**{("cache", device): size for device, size in CACHE_BATCH_
 class BenchOptions(RunOptions, BackboneOptions):
     what: str = option("cache", "the command to benchmark", choices=BENCHES, group="bench", positional=True)
     data: str | None = option(None, "dataset directory (default: generated CIFAR-like images)", group="data")
-    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder)",
+    dataset: str = option("auto", "dataset layout; folder benches the JPEG decode path (generated data: a JPEG folder), "
+                                  "webdataset the same JPEGs read from tar shards",
                           choices=DATASET_KINDS, group="data")
     loader: str = option("auto", "decode and resize pipeline (auto: dali when installed, else torch)",
                          choices=LOADERS, group="data")

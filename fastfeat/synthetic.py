@@ -1,4 +1,5 @@
-"""Generated CIFAR-like images, written in CIFAR-10's (or CIFAR-100's) python layout and as image class folders.
+"""Generated CIFAR-like images, written in CIFAR-10's (or CIFAR-100's) python layout, as image class folders
+and as WebDataset shards of those folders.
 
 Tests and benchmarks must run on a machine with no dataset and no network, so they generate one:
 smooth, textured 32x32 images whose class shows in a base colour and an oriented stripe texture
@@ -13,8 +14,10 @@ pickle row's `filenames` entry names its file and holds exactly the pixels that 
 from __future__ import annotations
 
 import io
+import json
 import math
 import pickle
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,6 +172,34 @@ def write_folder(root: str | Path, train: ImageSet, test: ImageSet, classes: Seq
             (root / split / classes[label] / name).write_bytes(data)
         decoded.append(replace(images, images=pixels))
     return decoded[0], decoded[1]
+
+
+def write_shards(folder: str | Path, out: str | Path, per_shard: int, label: str = "cls") -> Path:
+    """The images of `folder`/{train,test}/<class>/ as WebDataset shards `out/<split>/<split>-NNNNNN.tar` of
+    `per_shard` samples, in the folder's row order (key NNNNNN, the image member keeping its suffix), the
+    label an integer `.cls` member or the "label" field of a `.json` one (`label`: cls or json); and the
+    class names in `out/classes.txt`. Returns `out`."""
+    from .sources import read_folder
+
+    out = Path(out)
+    dataset = read_folder(Path(folder), ("train", "test"))
+    for split in dataset.splits.values():
+        (out / split.name).mkdir(parents=True, exist_ok=True)
+        rows = list(zip(split.files, split.labels.tolist()))
+        for first in range(0, len(rows), per_shard):
+            with tarfile.open(out / split.name / f"{split.name}-{first // per_shard:06d}.tar", "w") as tar:
+                for key, (path, y) in enumerate(rows[first : first + per_shard], first):
+                    tar.add(path, f"{key:06d}{Path(path).suffix}")
+                    value = str(y) if label == "cls" else json.dumps({"label": y})
+                    add_member(tar, f"{key:06d}.{label}", value.encode())
+    (out / "classes.txt").write_text("\n".join(dataset.classes) + "\n")
+    return out
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _cifar_base(root: str | Path, folder: str, title: str, *sets: ImageSet) -> Path:

@@ -1,10 +1,12 @@
 """The pure-torch pipeline: uint8 batches moved to the device, transformed there in one go.
 
-Arrays are sliced into batches; folders are read and decoded by DataLoader workers with
-torchvision.io, or PIL for the formats it lacks (the only per-image work: decoding is per image by nature).
+Arrays are sliced into batches; folders (and tar shards, one positioned read per member) are read and
+decoded by DataLoader workers with torchvision.io, or PIL for the formats it lacks (the only per-image work:
+decoding is per image by nature).
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -14,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .errors import InputError
 from .runtime import loader_workers
-from .sources import Split
+from .sources import Split, TarMembers
 
 
 # formats torchvision.io does not decode (GTSRB's .ppm): PIL decodes them, as DALI's decoder does
@@ -34,30 +36,45 @@ def decode_file(path: str) -> torch.Tensor | None:
         return None
 
 
-def find_corrupt_file(files: Iterable[str], full_decode: bool = True) -> str | None:
-    """The first of `files` that PIL cannot read: fully decoded, or only its header parsed (fast).
-    PIL rather than torchvision.io, whose libjpeg clashes with DALI's inside one process."""
+def decode_member(members: TarMembers, row: int) -> torch.Tensor | None:
+    """Like `decode_file`, for a tar shard's member (read at its offset)."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(members.read(row)), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def find_corrupt_image(split: Split, rows: Iterable[int], full_decode: bool = True) -> str | None:
+    """The name of the first of `rows` whose image (a file, or a tar shard's member) PIL cannot read: fully
+    decoded, or only its header parsed (fast). PIL rather than torchvision.io, whose libjpeg clashes with
+    DALI's inside one process."""
     from PIL import Image
 
-    for path in files:
+    for row in rows:
+        source = split.files[row] if split.members is None else io.BytesIO(split.members.read(row))
         try:
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if full_decode:
                     image.load()
+        except InputError:  # a shard shorter than its index: its own line
+            raise
         except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            return path
+            return split.files[row]
     return None
 
 
 class _DecodedFiles(Dataset):
-    def __init__(self, files: tuple[str, ...]):
-        self.files = files
+    """A split's images decoded from their files, or from their members of tar shards."""
+
+    def __init__(self, split: Split):
+        self.files, self.members = split.files, split.members
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
-        return decode_file(self.files[index]), self.files[index]
+        image = decode_file(self.files[index]) if self.members is None else decode_member(self.members, index)
+        return image, self.files[index]
 
 
 def uint8_batches(
@@ -76,8 +93,8 @@ def uint8_batches(
                 batch = batch.pin_memory()
             yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
         return
-    files = split.files if order is None else tuple(split.files[i] for i in order)
-    loader = DataLoader(_DecodedFiles(files), batch_size=batch_size, num_workers=loader_workers(), collate_fn=list)
+    rows = split if order is None else split.take(order)
+    loader = DataLoader(_DecodedFiles(rows), batch_size=batch_size, num_workers=loader_workers(), collate_fn=list)
     for batch in loader:
         bad = next((path for img, path in batch if img is None), None)
         if bad is not None:

@@ -14,7 +14,7 @@ from PIL import Image
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import read_cache
 from fastfeat.errors import InputError
-from fastfeat.sources import open_dataset
+from fastfeat.sources import SourceInputs, open_dataset
 from test_sources import cache_error
 
 datasets = pytest.importorskip("datasets")
@@ -93,7 +93,7 @@ def test_a_parquet_directory_with_named_integer_columns(tmp_path, capsys):
     code, err = cache_error(capsys, "--data", str(tmp_path / "p"), "--dataset", "hf", "--out", str(tmp_path / "c.h5"))
     assert code == 2 and len(err) == 1 and re.search(r"no ClassLabel column \(columns: id \(Value\), picture \(Image\), "
                                                      r"y \(Value\)\): name it with --label-column", err[0]), err
-    dataset = open_dataset(tmp_path / "p", "hf", columns=(None, "y"), limit=3)
+    dataset = open_dataset(tmp_path / "p", "hf", limit=3, inputs=SourceInputs(columns=(None, "y")))
     assert dataset.classes == ("0", "1", "2") and [len(s) for s in dataset.splits.values()] == [3, 3]
     assert sorted(dataset.splits["train"].labels.tolist()) == [0, 1, 2]  # --limit: one of each class
 

@@ -39,7 +39,7 @@ def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):
     assert "hf:uoft-cs/cifar10" in DATASET_KINDS and "hf:" in DATASET_KINDS and "imagenet-x" not in DATASET_KINDS
     from fastfeat.errors import InputError
 
-    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, hf, folder, list, "
+    with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, hf, webdataset, folder, list, "
                                          r"mnist, .*, country211, hf:NAME\[:CONFIG\]$"):
         open_dataset(tmp_path, "imagenet-x")
     with pytest.raises(InputError, match=r"--dataset hf:NAME\[:CONFIG\] needs a NAME"):

@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from . import cifar, filelist, folder, hf, zoo
-from .base import (IMAGE_SUFFIXES, SPLITS, Dataset, SourceKind, Split, balanced_rows, checked_labels,
-                   stratified_holdout, visible)
+from . import cifar, filelist, folder, hf, webdataset, zoo
+from .base import (IMAGE_SUFFIXES, SPLITS, Dataset, SourceInputs, SourceKind, Split, TarMembers, balanced_rows,
+                   checked_labels, stratified_holdout, visible)
 from .cifar import CIFAR10, CIFAR_LAYOUTS, CifarLayout, download_cifar, read_cifar
 from .folder import FOLDER_SPLIT_DIRS, read_folder
 
-# in --dataset auto's order: a save_to_disk directory has train/ and test/ folders too
-KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, hf.KIND, folder.KIND, filelist.KIND,
-                                                             *zoo.KINDS)}
+# in --dataset auto's order: a save_to_disk directory has train/ and test/ folders too, and webdataset's
+# <split>/*.tar folders would pass for (empty) class folders
+KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (*cifar.KINDS, hf.KIND, webdataset.KIND, folder.KIND,
+                                                             filelist.KIND, *zoo.KINDS)}
 
 
 class DatasetNames(tuple):
@@ -34,7 +35,7 @@ class DatasetNames(tuple):
 DATASET_KINDS = DatasetNames(("auto", *KINDS))
 
 __all__ = ["CIFAR10", "CIFAR_LAYOUTS", "DATASET_KINDS", "FOLDER_SPLIT_DIRS", "IMAGE_SUFFIXES", "KINDS", "SPLITS",
-           "CifarLayout", "Dataset", "SourceKind", "Split", "balanced_rows", "checked_labels", "dataset_splits",
+           "CifarLayout", "Dataset", "SourceInputs", "SourceKind", "Split", "TarMembers", "balanced_rows", "checked_labels", "dataset_splits",
            "detect_kind", "download_cifar", "open_dataset", "source_for", "read_cifar", "read_folder", "rows_sha256",
            "stratified_holdout", "visible"]
 
@@ -46,13 +47,18 @@ def open_dataset(
     limit: int | None = None,
     download: bool = False,
     seed: int = 0,
-    columns: tuple[str | None, str | None] = (None, None),
+    inputs: SourceInputs = SourceInputs(),
 ) -> Dataset:
-    """Open `root` as the source kind `kind` (see `KINDS`; auto: whichever layout `root` holds; hf:NAME[:CONFIG]:
-    that Hugging Face hub dataset, fetched into `root` on first use, as `datasets` does, `download` or not);
+    """Open `root` as the source kind `kind` (see `KINDS`; auto: whichever layout `root` holds; a shard
+    pattern, or `inputs` naming per-split data: webdataset; hf:NAME[:CONFIG]: that Hugging Face hub dataset,
+    fetched into `root` on first use, as `datasets` does, `download` or not);
     `limit` keeps a class-balanced subset of at most that many rows per split (see `balanced_rows`).
     `download` fetches a downloadable kind first (auto: CIFAR-10). `splits` None: every split it has.
-    `columns`: a Hugging Face dataset's (image, label) columns (None: found by their feature types)."""
+    `inputs.columns`: a Hugging Face dataset's (image, label) columns (None: found by their feature types)."""
+    if kind == "auto" and (inputs.split_data or webdataset.is_pattern(str(root))):
+        kind = webdataset.KIND.name
+    if kind == webdataset.KIND.name:
+        root, inputs = webdataset.input_root(str(root), inputs)
     root = Path(root)
     unknown = set(splits or ()) - set(SPLITS)
     if unknown or splits == ():
@@ -72,7 +78,12 @@ def open_dataset(
         fetch(root)
     if not root.is_dir():
         raise InputError(f"data directory {root} does not exist (use --download for CIFAR-10)")
-    source = source_for(detect_kind(root) if kind == "auto" else kind, columns)
+    source = source_for(detect_kind(root) if kind == "auto" else kind, inputs.columns)
+    if inputs.given():
+        if source.bind is None:
+            takes = " or ".join(k.name for k in KINDS.values() if k.bind)
+            raise InputError(f"--train-data, --test-data and --label-key apply to --dataset {takes}, not {source.name}")
+        source = source.bind(inputs)
     has = source.splits(root)
     splits = has if splits is None else splits
     if "val" in splits and "val" not in has:

@@ -1,12 +1,13 @@
 """What every data source gives: ordered splits of labelled rows, its class names, and the kind it is.
 
-A split is either an in-memory uint8 array (N, H, W, 3) or a list of image files; its rows keep the
-dataset's own order, so every cached row maps back to its source image. `SourceKind` is the one
+A split is an in-memory uint8 array (N, H, W, 3), a list of image files, or images inside tar shards
+(`TarMembers`, named like files: `shard.tar/key.jpg`); its rows keep the dataset's own order, so every cached row maps back to its source image. `SourceKind` is the one
 interface a kind of source satisfies; the table of kinds is in `fastfeat.sources`.
 """
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,13 +21,46 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
+class TarMembers:
+    """Where each row's image lies inside its tar shard, so that a loader reads it with one positioned read
+    (no tar parsing, nothing held in memory). `indexes[s]` is shard s's index file (DALI's wds2idx format),
+    listing `samples[s]` samples: a loader given every sample of a shard can hand that file to DALI as is."""
+
+    shards: tuple[str, ...]
+    indexes: tuple[str, ...]
+    samples: np.ndarray  # (shards,) samples each index lists
+    shard: np.ndarray  # (N,) each row's shard, an index into `shards`
+    offset: np.ndarray  # (N,) the image member's data offset in its shard
+    size: np.ndarray  # (N,) its size in bytes
+    names: tuple[str, ...]  # (N,) its member name inside the shard
+
+    def take(self, rows: slice | np.ndarray) -> TarMembers:
+        return replace(self, shard=self.shard[rows], offset=self.offset[rows], size=self.size[rows],
+                       names=tuple(np.asarray(self.names, dtype=object)[rows]))
+
+    def read(self, row: int) -> bytes:
+        """Row `row`'s encoded image; a shard shorter than its index says is refused in one line."""
+        shard, size = self.shards[self.shard[row]], int(self.size[row])
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, int(self.offset[row]))
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise InputError(f"{shard}: truncated tar (member {self.names[row]} ends past the end of the file)")
+        return data
+
+
+@dataclass(frozen=True)
 class Split:
-    """One split's rows: `images` (N, H, W, 3) uint8 for array datasets, or `files` for file-based ones."""
+    """One split's rows: `images` (N, H, W, 3) uint8 for array datasets, or `files` for file-based ones
+    (with `members` saying where in which tar shard each one is, for shards)."""
 
     name: str
     labels: np.ndarray
     images: np.ndarray | None = None
     files: tuple[str, ...] | None = None
+    members: TarMembers | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,7 +73,7 @@ class Split:
         """The rows `rows` (a slice or an index array) as a split of their own."""
         files = None if self.files is None else tuple(np.asarray(self.files, dtype=object)[rows])
         return replace(self, labels=self.labels[rows], images=None if self.images is None else self.images[rows],
-                       files=files)
+                       files=files, members=None if self.members is None else self.members.take(rows))
 
 
 @dataclass(frozen=True)
@@ -73,6 +107,22 @@ class SourceKind:
     splits: Callable[[Path], tuple[str, ...]]  # the splits `root` has
     read: Callable[[Path, tuple[str, ...]], Dataset]  # the splits asked for, rows in the dataset's order
     download: Callable[[Path], None] | None = None  # fetch into `root` (--download); None: not downloadable
+    # this kind reading the per-split inputs and options of `SourceInputs`; None: it takes none of them
+    bind: Callable[[SourceInputs], SourceKind] | None = None
+
+
+@dataclass(frozen=True)
+class SourceInputs:
+    """What a kind may read beside `--data`: one path or pattern per split (--train-data, --test-data),
+    which field holds the label (--label-key), a Hugging Face dataset's (image, label) columns."""
+
+    split_data: tuple[tuple[str, str], ...] = ()  # (split, path or pattern) pairs
+    label_key: str = "cls"
+    columns: tuple[str | None, str | None] = (None, None)
+
+    def given(self) -> bool:
+        """Whether a shard-only input (--train-data, --test-data, --label-key) was given."""
+        return bool(self.split_data) or self.label_key != SourceInputs.label_key
 
 
 def checked_labels(raw, classes: int, where: str, rows: int | None = None) -> np.ndarray:

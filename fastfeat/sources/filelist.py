@@ -44,10 +44,10 @@ def read_rows(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def class_names(root: Path, labels: list[str]) -> tuple[str, ...]:
-    """classes.txt beside the lists, else the names the lists use (integers: 0..max)."""
-    names = root / "classes.txt"
-    if names.is_file():
+def class_names(root: Path, labels: list[str], names_files: tuple[str, ...] = ("classes.txt",)) -> tuple[str, ...]:
+    """The first of `names_files` in `root` (one class a line), else the names the labels use (integers: 0..max)."""
+    names = next((root / name for name in names_files if (root / name).is_file()), None)
+    if names is not None:
         return tuple(line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip())
     if all(label.isdigit() for label in labels):
         return tuple(str(i) for i in range(max(map(int, labels)) + 1))
