@@ -17,16 +17,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from .errors import FastfeatError, InputError
 from .spec import FeatureSpec, plain
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_ROWS = 1024
 FEATURE_DTYPES = ("float16", "float32")
@@ -393,6 +398,7 @@ def describe_cache(path: str | Path) -> dict:
     with f, _reading(Path(path)):
         splits = {name: {"rows": len(group["labels"]), "rows_written": int(group.attrs["rows_written"]),
                          "features": f"{tuple(group['features'].shape)} {group['features'].dtype}",
+                         "bytes": _stored_bytes(group),
                          **_describe_views(group)}
                   for name, group in f.items()}
     return {"kind": "cache", "complete": bool(attrs.get("complete")),
@@ -401,9 +407,114 @@ def describe_cache(path: str | Path) -> dict:
                                                        "fastfeat_version")}}
 
 
+def _stored_bytes(group: h5py.Group) -> int:
+    """The bytes a split's datasets hold as stored (uncompressed): what reading it whole costs."""
+    return sum(data.size * data.dtype.itemsize for data in group.values() if isinstance(data, h5py.Dataset))
+
+
 def _describe_views(group: h5py.Group) -> dict:
     if "views" not in group:
         return {}
     data = group["views"]
     return {"views": f"{tuple(data.shape)} {data.dtype}", "view_transforms": json.loads(data.attrs["transforms"]),
             "view_seeds": json.loads(data.attrs["seeds"])}
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [start, start + len(labels)) of a split: `features` (n, D) float32, `labels` (n,) int64 and,
+    when read with views, `views` (n, V, D) float32, on the reader's device."""
+
+    start: int
+    features: torch.Tensor
+    labels: torch.Tensor
+    views: torch.Tensor | None = None
+
+
+class BlockReader:
+    """A split of a complete cache read as contiguous row blocks, `block_rows` (a multiple of the file's
+    own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget) at a time, in any order of blocks; the next block
+    is read (and converted to float32, and pinned for a GPU) in a background thread while the caller works
+    on the current one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
+
+    def __init__(self, path: str | Path, split: str, block_rows: int, device: torch.device | str = "cpu",
+                 views: bool = False):
+        import torch
+
+        self.path, self.split, self.device = Path(path), split, torch.device(device)
+        f, _ = _open_cache(self.path)
+        with f:
+            if split not in f or "features" not in f[split]:
+                raise InputError(f"{self.path} has no {split}/features and {split}/labels")
+            data = f[split]["features"]
+            self.rows, self.dim = data.shape
+            chunk = data.chunks[0] if data.chunks else 1
+            self.views = views and "views" in f[split]
+            self.view_names = json.loads(f[split]["views"].attrs.get("transforms", "[]")) if self.views else []
+        # whole chunks when a chunk fits the block, else contiguous parts of one (HDF5's chunk cache keeps it)
+        self.block_rows = block_rows // chunk * chunk if block_rows >= chunk else max(1, block_rows)
+
+    @property
+    def starts(self) -> list[int]:
+        """The first row of every block, in file order."""
+        return list(range(0, self.rows, self.block_rows))
+
+    def labels(self) -> np.ndarray:
+        """Every row's label (8 bytes a row: small beside the features)."""
+        with h5py.File(self.path, "r") as f:
+            return f[self.split]["labels"][:]
+
+    def blocks(self, starts: list[int] | None = None) -> Iterator[Block]:
+        """The blocks beginning at `starts` (default: all, in file order), one read ahead."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = self.starts if starts is None else list(starts)
+        with h5py.File(self.path, "r") as f, ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
+            group = f[self.split]
+            pending = pool.submit(self._read, group, order[0]) if order else None
+            for i in range(len(order)):
+                block = pending.result()
+                pending = pool.submit(self._read, group, order[i + 1]) if i + 1 < len(order) else None
+                yield self._to_device(block)
+
+    def _read(self, group: h5py.Group, start: int) -> Block:
+        """One block from the file, as float32 host tensors (pinned when bound for a GPU)."""
+        import torch
+
+        stop = min(self.rows, start + self.block_rows)
+        arrays = [group["features"][start:stop], group["labels"][start:stop]]
+        if self.views:
+            arrays.append(group["views"][start:stop])
+        for name, array in zip(("features", "views"), arrays[::2]):
+            if not np.isfinite(array).all():
+                _check_finite(self.path, f"{self.split}/{name} rows {start}..{stop - 1}", array)
+        tensors = [torch.from_numpy(a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a) for a in arrays]
+        if self.device.type == "cuda":
+            tensors = [t.pin_memory() for t in tensors]
+        return Block(start, *tensors)
+
+    def _to_device(self, block: Block) -> Block:
+        if self.device.type == "cpu":
+            return block
+        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        return Block(block.start, move(block.features), move(block.labels), move(block.views))
+
+
+def split_shape(path: str | Path, split: str, views: bool = False) -> tuple[int, int]:
+    """(rows, values a row) of a split's features (and views)."""
+    f, _ = _open_cache(Path(path))
+    with f:
+        group = f[split]
+        rows, dim = group["features"].shape
+        return rows, dim * (1 + (group["views"].shape[1] if views and "views" in group else 0))
+
+
+def split_bytes(path: str | Path, split: str, views: bool = False) -> int:
+    """Bytes a split's features (and views) take in memory as float32, the form training holds them in."""
+    f, _ = _open_cache(Path(path))
+    with f:
+        if split not in f:
+            return 0
+        group = f[split]
+        arrays = [group["features"]] + ([group["views"]] if views and "views" in group else [])
+        return sum(int(np.prod(a.shape)) * 4 for a in arrays) + 8 * len(group["labels"])

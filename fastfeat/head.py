@@ -274,13 +274,20 @@ def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, 
     cache = read_cache(path, ("train", "test"))
     classes = cache.classes
     for split, labels in cache.labels.items():
-        if len(labels) == 0:
-            raise InputError(f"{path}: the {split} split is empty")
-        missing = [name for name, count in zip(classes, np.bincount(labels, minlength=len(classes))) if count == 0]
-        if missing:
-            raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")
+        check_labels(path, split, labels, classes)
     tensors = [torch.from_numpy(a).to(device) for s in ("train", "test") for a in (cache.features[s], cache.labels[s])]
     return FeatureSpec.from_attrs(cache.attrs, str(path)), classes, tensors
+
+
+def check_labels(path: str | Path, split: str, labels: np.ndarray, classes: list[str]) -> None:
+    """Refuse in one line a split that is empty, has labels outside the classes, or lacks a class."""
+    if len(labels) == 0:
+        raise InputError(f"{path}: the {split} split is empty")
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise InputError(f"{path}: {split} labels are outside 0..{len(classes) - 1} ({len(classes)} classes)")
+    missing = [name for name, count in zip(classes, np.bincount(labels, minlength=len(classes))) if count == 0]
+    if missing:
+        raise InputError(f"{path}: the {split} split has no rows of class {', '.join(missing)}")
 
 
 def default_out(cache: str | Path) -> Path:

@@ -17,19 +17,24 @@ neighbours: every train row, as in DINOv2).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
+from .budget import StreamPlan, parse_size
+from .cache_file import Block, BlockReader, read_cache, read_views
 from .errors import InputError
 from .evaluation import classification_report
-from .head import load_features, own_val_split, validation_plan
+from .head import check_labels, load_features, own_val_split, validation_plan
 from .runtime import resolve_device
 from .settings import SIMILARITY_BYTES, KnnOptions
 from .validation import ValidationPlan
-from .views import load_views
+from .views import FLIP, flip_index, load_views, resolve_tta
 
 MIN_QUERY_ROWS = 64  # train is split into blocks only when a block of this many queries would not fit
 
@@ -95,27 +100,60 @@ class KnnResult:
 
 def check_options(opts: KnnOptions) -> KnnOptions:
     """`opts` with `k` as sorted distinct ints, or a one-line InputError for values no search can use."""
+    if opts.memory_budget is not None:
+        parse_size(opts.memory_budget)
     return replace(opts, k=tuple(sorted(set(opts.k))))
 
 
-def knn_evaluate(opts: KnnOptions) -> KnnResult:
-    """kNN accuracy per k on a validation split of train and on test (see the module's docstring)."""
+def knn_evaluate(opts: KnnOptions, log: Callable[[str], None] = print) -> KnnResult:
+    """kNN accuracy per k on a validation split of train and on test (see the module's docstring); train is
+    streamed from the cache in blocks when the features do not fit `--memory-budget`."""
     opts = check_options(opts)
     device = resolve_device(opts.device)
-    _, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device)
     plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
+    start = time.perf_counter()
+    if stream.streams:
+        log(stream.describe(passes=2 if plan.kind == "holdout" else 1))
+        found = streamed_scores(opts, device, stream, plan)
+    else:
+        found = in_memory_scores(opts, device, plan)
+    ks, (val_scores, val_y, test_scores, test_y, rows, tta) = opts.k, found
+    val = accuracies(val_scores, val_y) if val_scores else {}
+    test = accuracies(test_scores, test_y)
+    best = best_k(ks, val or test)
+    reports = {"test": classification_report(test_scores[best], test_y)}
+    if val_scores:
+        reports["val"] = classification_report(val_scores[best], val_y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, tta,
+                     plan, reports)
+
+
+class Scores(NamedTuple):
+    """What a search found: vote shares per k of validation (empty without one) and test, their labels,
+    the rows used and whether queries were flip-averaged."""
+
+    val: dict[int, torch.Tensor]
+    val_y: torch.Tensor | None
+    test: dict[int, torch.Tensor]
+    test_y: torch.Tensor
+    rows: dict[str, int]
+    tta: bool
+
+
+def in_memory_scores(opts: KnnOptions, device: torch.device, plan: ValidationPlan) -> Scores:
+    """The search with every split on the device."""
+    _, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
     own_val = own_val_split(opts.cache, device) if plan.kind == "val" else None
     views = load_views(opts.cache, device, "center-only", opts.tta, plan.kind)
     ks = opts.k
-    kept, held = plan.split(train_y.cpu().numpy()) or (None, None)
-    if kept is not None:
-        check_k(ks, len(kept), f"the {len(kept)} train rows outside validation (--val-fraction {opts.val_fraction:g})")
-    check_k(ks, len(train_y), f"the {len(train_y)} train rows of {opts.cache}")
-
-    start = time.perf_counter()
+    kept, held = validation_rows(opts, train_y.cpu().numpy(), plan)
     train_x = F.normalize(train_x, dim=1)
-    val: dict[int, float] = {}
     val_scores: dict[int, torch.Tensor] = {}
+    val_y = None
     if held is not None:
         kept_t, held_t = (torch.from_numpy(rows).to(device) for rows in (kept, held))
         val_y = train_y[held_t]
@@ -125,24 +163,114 @@ def knn_evaluate(opts: KnnOptions) -> KnnResult:
         val_y = own_val[1]
         val_scores = knn_scores(train_x, train_y, F.normalize(own_val[0], dim=1), ks, opts.temperature, len(classes),
                                 opts.batch_size, flipped=normalized_flips(views.flips.get("val"), views.tta))
-    if val_scores:
-        val = accuracies(val_scores, val_y)
     test_scores = knn_scores(train_x, train_y, F.normalize(test_x, dim=1), ks, opts.temperature, len(classes),
                              opts.batch_size, flipped=normalized_flips(views.flips.get("test"), views.tta))
-    test = accuracies(test_scores, test_y)
-    best = best_k(ks, val or test)
-    reports = {"test": classification_report(test_scores[best], test_y)}
-    if val_scores:
-        reports["val"] = classification_report(val_scores[best], val_y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    val_rows = len(held) if held is not None else len(own_val[1]) if own_val is not None else 0
-    rows = {"train": len(train_y), "val": val_rows, "test": len(test_y),
-            "neighbours_val": len(kept) if kept is not None else len(train_y) if val_rows else 0,
-            "neighbours_test": len(train_y)}
-    return KnnResult(ks, val, test, rows, seconds, str(device), {**asdict(opts), "k": list(ks)}, views.tta,
-                     plan, reports)
+    return Scores(val_scores, val_y, test_scores, test_y, row_counts(len(train_y), kept, held, val_y, test_y),
+                  views.tta)
+
+
+def validation_rows(opts: KnnOptions, train_y: np.ndarray, plan: ValidationPlan) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(kept, held-out) train rows of `plan`'s holdout, each sorted ((None, None) without one), with k checked
+    against the neighbours each query set has."""
+    check_k(opts.k, len(train_y), f"the {len(train_y)} train rows of {opts.cache}")
+    rows = plan.split(train_y)
+    if rows is None:
+        return None, None
+    kept, held = rows
+    check_k(opts.k, len(kept), f"the {len(kept)} train rows outside validation (--val-fraction {opts.val_fraction:g})")
+    return kept, held
+
+
+def row_counts(train: int, kept: np.ndarray | None, held: np.ndarray | None, val_y: torch.Tensor | None,
+               test_y: torch.Tensor) -> dict[str, int]:
+    val_rows = 0 if val_y is None else len(val_y)
+    return {"train": train, "val": val_rows, "test": len(test_y),
+            "neighbours_val": len(kept) if kept is not None else train if val_rows else 0, "neighbours_test": train}
+
+
+def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, plan: ValidationPlan) -> Scores:
+    """The search with train read block by block (queries in memory): a first pass gathers the held-out
+    rows (the queries of a holdout), the second merges every block's top-k into each query's running one.
+    The same neighbours as `in_memory_scores`, so the same answer."""
+    reader = BlockReader(opts.cache, "train", stream.block_rows, device)
+    labels = reader.labels()
+    validation = plan.kind
+    query_splits = ("test",) + (("val",) if validation == "val" else ())
+    data = read_cache(opts.cache, query_splits)
+    classes = data.classes
+    check_labels(opts.cache, "train", labels, classes)
+    train_y = torch.from_numpy(labels).to(device)
+    flips = {s: views[:, flip_index(names)] for s, (views, names) in read_views(opts.cache, query_splits).items()
+             if FLIP in names}
+    with_views = BlockReader(opts.cache, "train", stream.block_rows, device, views=opts.tta is not False)
+    train_flip = flip_index(with_views.view_names)
+    validated = {"holdout": train_flip is not None, "val": "val" in flips, "test": True}[validation]
+    tta = resolve_tta(opts.tta, "test" in flips and validated, opts.cache)
+    kept, held = validation_rows(opts, labels, plan)
+    queries = {s: queries_of(torch.from_numpy(data.features[s]).to(device),
+                             torch.from_numpy(flips[s]).to(device) if tta else None) for s in query_splits}
+    allowed = None
+    if held is not None:
+        held_t = torch.from_numpy(held).to(device)
+        queries["val"] = queries_of(*gather_rows(with_views if tta else reader, held_t, train_flip if tta else None))
+        allowed = torch.ones(reader.rows, dtype=torch.bool, device=device)
+        allowed[held_t] = False
+    sets = [(q, None if s == "test" or validation == "val" else allowed) for s in queries for q in queries[s]]
+    found = streamed_neighbours(reader.blocks(), sets, opts.k[-1])
+    shares_of = [neighbour_shares(sims, train_y[idx], opts.k, opts.temperature, len(classes)) for sims, idx in found]
+    by_split, i = {}, 0
+    for s in queries:
+        parts = shares_of[i:i + len(queries[s])]
+        by_split[s] = {k: sum(p[j] for p in parts) / len(parts) for j, k in enumerate(opts.k)}
+        i += len(queries[s])
+    test_y = torch.from_numpy(data.labels["test"]).to(device)
+    val_y = (train_y[held_t] if held is not None else
+             torch.from_numpy(data.labels["val"]).to(device) if validation == "val" else None)
+    return Scores(by_split.get("val", {}), val_y, by_split["test"], test_y,
+                  row_counts(reader.rows, kept, held, val_y, test_y), tta)
+
+
+def queries_of(x: torch.Tensor, flips: torch.Tensor | None) -> list[torch.Tensor]:
+    """A split's L2-normalised queries, and under TTA their flips: each a query set whose shares are averaged."""
+    return [F.normalize(v.float(), dim=1) for v in (x, flips) if v is not None]
+
+
+def gather_rows(reader: BlockReader, rows: torch.Tensor, flip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The features (and flips, view `flip`) of the sorted train `rows`, picked from each block by index."""
+    features, flips = [], []
+    for block in reader.blocks():
+        local = rows[(rows >= block.start) & (rows < block.start + len(block.labels))] - block.start
+        features.append(block.features[local])
+        if flip is not None:
+            flips.append(block.views[local, flip])
+    return torch.cat(features), torch.cat(flips) if flip is not None else None
+
+
+def streamed_neighbours(blocks: Iterable[Block], query_sets: list[tuple[torch.Tensor, torch.Tensor | None]],
+                        k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each query set's (similarities, train rows), both (Q, k), of its k most similar train rows among those
+    its mask allows (None: all), the blocks' top-k merged as they arrive."""
+    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(query_sets)
+    for block in blocks:
+        x = F.normalize(block.features, dim=1)
+        for i, (queries, allowed) in enumerate(query_sets):
+            rows = None if allowed is None else allowed[block.start:block.start + len(x)].nonzero().squeeze(1)
+            part = x if rows is None else x[rows]
+            if len(part) == 0:
+                continue
+            sims, idx = blocked_top(queries, part, k)
+            idx = (idx if rows is None else rows[idx]) + block.start
+            best[i] = (sims, idx) if best[i] is None else merge_top(*best[i], sims, idx, k)
+    return best
+
+
+def blocked_top(queries: torch.Tensor, train_x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_neighbours` of every query, queries taken as many at a time as keep the similarities in budget."""
+    query_rows, train_rows = block_sizes(len(queries), len(train_x), None, None)
+    buffer = queries.new_empty(query_rows * train_rows)
+    found = [top_neighbours(queries[a:a + query_rows], train_x, k, train_rows, buffer)
+             for a in range(0, len(queries), query_rows)]
+    return torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
 
 
 def normalized_flips(flips: torch.Tensor | None, tta: bool, rows: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -196,7 +324,7 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Tens
 
     def votes(block: torch.Tensor) -> list[torch.Tensor]:
         sims, idx = top_neighbours(block.float(), train_x, max_k, train_rows, buffer)
-        return [shares(v) for v in cumulative_votes(sims, train_y[idx], ks, temperature, num_classes)]
+        return neighbour_shares(sims, train_y[idx], ks, temperature, num_classes)
 
     for start in range(0, len(queries), query_rows):
         stop = min(start + query_rows, len(queries))
@@ -206,6 +334,12 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, queries: torch.Tens
         for k, score in zip(ks, scores):
             out[k][start:stop] = score
     return out
+
+
+def neighbour_shares(sims: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], temperature: float,
+                     num_classes: int) -> list[torch.Tensor]:
+    """Each k's (Q, C) vote shares from the sorted neighbours' similarities and labels."""
+    return [shares(v) for v in cumulative_votes(sims, labels, sorted(ks), temperature, num_classes)]
 
 
 def shares(votes: torch.Tensor) -> torch.Tensor:
@@ -243,11 +377,17 @@ def top_neighbours(queries: torch.Tensor, train_x: torch.Tensor, k: int, train_r
         sims = torch.mm(queries, part.T, out=out) if out is not None else queries @ part.T
         sims, idx = sims.topk(min(k, len(part)), dim=1)
         idx += offset
-        if best_sims is not None:  # merge with the best so far
-            sims, order = torch.cat([best_sims, sims], 1).topk(min(k, best_sims.shape[1] + sims.shape[1]), dim=1)
-            idx = torch.cat([best_idx, idx], 1).gather(1, order)
+        if best_sims is not None:
+            sims, idx = merge_top(best_sims, best_idx, sims, idx, k)
         best_sims, best_idx = sims, idx
     return best_sims, best_idx
+
+
+def merge_top(best_sims: torch.Tensor, best_idx: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of two (Q, k) candidate lists, most similar first."""
+    sims, order = torch.cat([best_sims, sims], 1).topk(min(k, best_sims.shape[1] + sims.shape[1]), dim=1)
+    return sims, torch.cat([best_idx, idx], 1).gather(1, order)
 
 
 def cumulative_votes(sims: torch.Tensor, labels: torch.Tensor, ks: list[int], temperature: float,

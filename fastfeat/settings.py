@@ -36,6 +36,12 @@ SWEEP_LRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 SWEEP_L2_ROWS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)  # the default weight decays: these / fit rows
 
 SIMILARITY_BYTES = 256 * 2**20  # the largest block of similarities held at once
+# the default --memory-budget: shares of what the device has free
+HOST_SHARE = 0.5  # of MemAvailable: the rest stays for torch, the page cache and other processes
+GPU_SHARE = 0.8  # of the GPU's free memory
+BUDGET_HELP = ("memory the features may take, such as 512MB or 8GB; when the data do not fit, they are streamed "
+               f"from the cache in blocks (default: {HOST_SHARE * 100:.0f}%% of free RAM on a CPU, "  # %%: argparse's escape
+               f"{GPU_SHARE * 100:.0f}%% of free GPU memory)")
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,7 @@ class KnnOptions(Checked):
                                           f"within {SIMILARITY_BYTES // 2**20} MiB)", min=1)
     tta: bool | None = option(None, "classify each query by the mean of its center and flipped crops' vote shares "
                                     "(default: when the cache holds flips, fastfeat cache --tta flip)")
+    memory_budget: str | None = option(None, BUDGET_HELP)
 
 
 SCHEDULES = ("cosine", "step", "none")

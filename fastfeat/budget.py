@@ -1,0 +1,83 @@
+"""How much memory a command may hold features in: `--memory-budget SIZE` parsed, or a safe share of what
+the device has free, and the block size a streamed pass reads under it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .settings import GPU_SHARE, HOST_SHARE
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+IN_MEMORY_COPIES = 2  # the in-memory path holds the features and about one working copy (standardised, gathered)
+
+
+def parse_size(text: str, flag: str = "--memory-budget") -> int:
+    """Bytes in a size such as `512MB`, `8GB`, `1.5GiB` (MB = 10**6, MiB = 2**20), or a one-line InputError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and UNITS.get(match.group(2).lower())
+    size = int(float(match.group(1)) * unit) if unit else 0
+    if size < 1:
+        raise InputError(f"{flag} must be a positive size such as 512MB or 8GB, got {text!r}")
+    return size
+
+
+def available_bytes(device: torch.device) -> int:
+    """What the device has free: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
+
+
+def memory_budget(text: str | None, device: torch.device) -> int:
+    """The budget in bytes: `text` parsed, or the device's safe share."""
+    if text is not None:
+        return parse_size(text)
+    return int(available_bytes(device) * (GPU_SHARE if device.type == "cuda" else HOST_SHARE))
+
+
+def block_rows(budget: int, row_bytes: int, held: int = 3) -> int:
+    """Rows per block when `held` blocks of `row_bytes` a row exist at once (the one trained on, the one
+    being read, and the raw rows it is converted from)."""
+    return max(1, budget // (held * row_bytes))
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Whether a command's features fit its budget in memory (then nothing changes), and if not, the train
+    split's rows per streamed block."""
+
+    budget: int
+    need: int
+    block_rows: int
+    rows: int
+
+    @classmethod
+    def for_splits(cls, cache: str, splits: tuple[str, ...], budget_text: str | None, device: torch.device,
+                   views: bool = False) -> StreamPlan:
+        """The plan for holding `splits` of `cache` (with their views) as float32 on `device`."""
+        from .cache_file import split_bytes, split_shape
+
+        budget = memory_budget(budget_text, device)
+        need = sum(split_bytes(cache, split, views) for split in splits)
+        rows, row_values = split_shape(cache, "train", views)
+        others = need - split_bytes(cache, "train", views)  # queries and evaluation splits stay in memory
+        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_values * 4 + 8), rows)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the features (with a working copy beside them) exceed the budget."""
+        return IN_MEMORY_COPIES * self.need > self.budget
+
+    def describe(self, passes: int) -> str:
+        blocks = -(-self.rows // self.block_rows)
+        return (f"streaming train from the cache: {self.need / 2**20:.0f} MiB of features over a "
+                f"{self.budget / 2**20:.0f} MiB --memory-budget, {blocks} blocks of {self.block_rows} rows, "
+                f"{passes} pass{'es' if passes != 1 else ''}")
