@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import InputError
 from .reporting import read_torch_file
@@ -336,13 +337,12 @@ class FeatureExtractor:
 
 def describe_models() -> list[dict]:
     """torchvision's classification models: feature size, parameters, default preprocessing, weights
-    (built with parameters on the meta device: no memory, no initialisation)."""
+    (built on the meta device: no memory, no initialisation)."""
     rows = []
     for arch in _torchvision_names():
         models = SOURCES["torchvision"]
         pre = models.preprocess(arch, "DEFAULT")
-        with _meta_parameters():
-            model, _, dim = models.build(arch, pre)
+        model, _, dim = meta_model(arch, pre)
         rows.append({"arch": arch, "feature_dim": dim,
                      "parameters": sum(p.numel() for p in model.parameters()), "resize": pre.resize,
                      "image_size": pre.image_size, "interpolation": pre.interpolation,
@@ -350,16 +350,22 @@ def describe_models() -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def _meta_parameters():
-    """Parameters go to the meta device as they are registered, so the initialisers that follow cost nothing."""
-    register = nn.Module.register_parameter
+def meta_model(arch: str, pre: Preprocess) -> tuple[nn.Module, str, int]:
+    """The source's `build` of `arch` with its parameters on the meta device: the layout (names, shapes,
+    feature size) without the memory or the initialisation."""
+    with _UninitialisedOnMeta():
+        return source(arch).build(arch, pre)
 
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param if param is None else nn.Parameter(param.to("meta"), param.requires_grad))
 
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+class _UninitialisedOnMeta(TorchFunctionMode):
+    """`torch.empty` (what every layer allocates its parameters with, before initialising them) on the meta
+    device. Not `with torch.device("meta")`: that moves every factory's tensors, and regnet's builders
+    compute their block widths with torch ops and read them back (`.tolist()`), which a meta tensor
+    cannot do. Tensors made from values (those widths, position indices, BatchNorm's running stats)
+    stay real and small."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)

@@ -168,7 +168,7 @@ def run_predict(args: argparse.Namespace) -> None:
     metrics, args = args.metrics, from_args(PredictOptions, args)
     if bool(args.images) == bool(args.data):
         raise InputError("give either image files or --data DIR")
-    _check_writable(args.metrics)
+    _check_writable(metrics)
     _check_writable(args.predictions, "--predictions")
     predictor = Predictor(load_classifier(args.model, args.weights), args.device, args.amp, args.tta)
     if args.data:

@@ -4,15 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run
+from helpers import LOADERS, NEEDS_DALI, run
 from torchvision.transforms.v2 import functional as TF
 
 from fastfeat.errors import InputError
-from fastfeat.loaders import dali_available, train_batches
+from fastfeat.loaders import train_batches
 from fastfeat.sources import Split
 from fastfeat.transforms import Augment, Preprocess, normalize
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 PRE = Preprocess(resize=32, image_size=32)
 N = 192
 
@@ -111,7 +110,7 @@ def test_rrc_flip_crops_cover_the_crop_scale_and_flip_half_the_time(loader):
     assert torch.equal(out, augmented(copies(ramps()), loader, Augment(preset="rrc-flip", crop_scale=(0.25, 1.0))))
 
 
-@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+@NEEDS_DALI
 @pytest.mark.parametrize("preset", ["recipe", "rrc-flip", "crop-flip"])
 def test_both_loaders_agree_in_distribution(preset):
     """Mean crop area and flip rate of the ramp image, and the mean output image, alike in torch and DALI."""

@@ -22,25 +22,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import MEAN, STD
+from helpers import LOADERS, MEAN, STD, assert_same_features, one_line, run
 from PIL import Image
-from test_cache import assert_same_features
-from test_inputs import one_line, run
 
 from fastfeat import CacheOptions, FeatureSpec, FinetuneOptions, HeadOptions, InputError, build_cache, read_cache
-from fastfeat.backbone import preprocess_for, state_sha256
+from fastfeat.backbone import build_backbone, meta_model, preprocess_for, state_sha256
 from fastfeat.cache_file import CacheWriter
 from fastfeat.cli import build_parser, main
 from fastfeat.finetune import Trainer
+from fastfeat.freezing import freeze_help
 from fastfeat.head import train_head
 from fastfeat.knn import KnnOptions
-from fastfeat.loaders import dali_available, eval_batches
+from fastfeat.loaders import eval_batches
 from fastfeat.model_files import HEAD_FORMAT, load_head
 from fastfeat.options import cli_fields, from_args
 from fastfeat.predict import Predictor, load_classifier
 from fastfeat.sources import open_dataset
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 # torchvision's 1000-way layer of each arch, written out by hand (not found the way fastfeat finds it)
 CLASSIFIER = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v3_small": "classifier.3", "efficientnet_b0": "classifier.1",
               "convnext_tiny": "classifier.2", "vit_b_16": "heads.head", "squeezenet1_0": "classifier.1",
@@ -112,7 +110,8 @@ def reference_model(arch: str, state: dict | None = None, seed: int = 0) -> torc
 def feature_size(arch: str) -> int:
     """What enters torchvision's own classifier layer of `arch` (built on the meta device: no memory)."""
     with torch.device("meta"):
-        return torchvision.models.get_model(arch).get_submodule(CLASSIFIER[arch]).in_features
+        layer = torchvision.models.get_model(arch).get_submodule(CLASSIFIER[arch])
+    return layer.in_features if isinstance(layer, torch.nn.Linear) else layer.in_channels  # squeezenet's: a 1x1 conv
 
 
 def conditioned_weights(arch: str, images: torch.Tensor, path: Path, seed: int = 0) -> Path:
@@ -500,6 +499,28 @@ def test_models_json_describes_every_torchvision_arch(models_rows):
     assert rows["vit_b_16"]["fixed_size"] is True and rows["resnet18"]["fixed_size"] is False
     assert rows["efficientnet_b0"]["interpolation"] == "bicubic" and rows["resnet18"]["interpolation"] == "bilinear"
     assert rows["resnet50"]["weights"] == ["IMAGENET1K_V1", "IMAGENET1K_V2"]
+
+
+# one arch of each family, both regnet kinds (their builders compute block widths with torch ops)
+META_SAMPLE = ("resnet18", "regnet_x_400mf", "regnet_y_400mf", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_0",
+               "densenet121", "googlenet", "inception_v3", "shufflenet_v2_x0_5", "mnasnet0_5", "convnext_tiny", "swin_t",
+               "maxvit_t", "vit_b_16")
+
+
+@pytest.mark.parametrize("arch", META_SAMPLE)
+def test_the_meta_model_has_the_layout_of_the_model_cache_builds(arch):
+    """What `fastfeat models` counts (parameters on the meta device) is the model `cache` really builds."""
+    meta, classifier, dim = meta_model(arch, preprocess_for(arch))
+    real = build_backbone(arch, "none")
+    real_numel = sum(p.numel() for p in meta.parameters() if not p.is_meta)  # made from values: class tokens, scales
+    assert real_numel <= 0.01 * sum(p.numel() for p in meta.parameters()), arch
+    assert (classifier, dim) == (real.classifier, real.spec.feature_dim), arch
+    if arch in CLASSIFIER:
+        assert (classifier, dim) == (CLASSIFIER[arch], feature_size(arch)), arch
+    shapes = lambda tensors: [(name, tuple(t.shape)) for name, t in tensors]
+    assert shapes(meta.named_parameters()) == shapes(real.model.named_parameters()), arch
+    assert shapes(meta.named_buffers()) == shapes(real.model.named_buffers()), arch
+    assert freeze_help(meta, arch) == freeze_help(real.model, arch), arch  # the stage and module names
 
 
 def test_models_table_has_a_header_and_a_row_per_arch(models_rows, capsys, monkeypatch):

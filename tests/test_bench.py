@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import run
+from helpers import run
 
 from fastfeat import bench
 from fastfeat.backbone import FeatureExtractor

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms as T
-from conftest import CPU_AMP, MEAN, STD, interrupt_cache
+from helpers import CPU_AMP, LOADERS, MEAN, STD, assert_same_features, interrupt_cache
 from PIL import Image
 
 from fastfeat import CacheOptions, InputError, build_cache, open_dataset, read_cache
@@ -24,7 +24,6 @@ from fastfeat.cli import main
 from fastfeat.loaders import dali_available
 from fastfeat.transforms import Preprocess, eval_transform
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 SMALL = dict(image_size=64, resize=73)  # the 224/256 ratio at a size that keeps tests fast
 
 
@@ -45,18 +44,6 @@ def reference_features(images: list[Image.Image], weights_file) -> torch.Tensor:
     model.fc = torch.nn.Identity()
     with torch.no_grad():
         return model.eval()(torch.stack([tf(im) for im in images]))
-
-
-def assert_same_features(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor, cos_min: float = 0.999) -> None:
-    """Per-image cosine >= cos_min, raw and after removing the common mean (which random-init
-    features are dominated by), and each row is closer to its own reference than to any other."""
-    cos = torch.nn.functional.cosine_similarity(a, b)
-    assert cos.min() >= cos_min, cos.min()
-    ca, cb = a - centre, b - centre
-    centred = torch.nn.functional.cosine_similarity(ca, cb)
-    assert centred.min() >= 0.98, centred.min()
-    cross = torch.nn.functional.normalize(ca, dim=1) @ torch.nn.functional.normalize(cb, dim=1).T
-    assert (cross.argmax(dim=1) == torch.arange(len(a))).all()
 
 
 def check_224_features(data, weights_file, tmp_path, loader: str, n: int = 24) -> None:

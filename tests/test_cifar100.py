@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_cifar
-from test_safe_loading import TINY, Payload, fastfeat, refused
+from helpers import TINY, Payload, fastfeat, make_cifar, refused
 
 from fastfeat import InputError, open_dataset, read_cache
 from fastfeat.cache import default_cache_path
@@ -81,7 +80,7 @@ def test_both_cifars_make_auto_ambiguous(data, tmp_path):
         open_dataset(root)
     assert open_dataset(root, "cifar10").classes == ("dark", "bright")
     np.testing.assert_array_equal(open_dataset(root, "cifar100").splits["train"].labels, train.labels)
-    done = fastfeat("cache", "--data", root, "--weights", "none", "--out", tmp_path / "c.h5", *TINY)
+    done = fastfeat("cache", "--data", root, "--out", tmp_path / "c.h5", *TINY, "--no-progress")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"fastfeat cache: error: {root} holds both ") and "--dataset" in done.stderr
 
@@ -89,8 +88,7 @@ def test_both_cifars_make_auto_ambiguous(data, tmp_path):
 def test_cache_end_to_end_on_the_cpu_with_the_default_path(data, tmp_path, monkeypatch, capsys):
     root, train, test = data
     monkeypatch.chdir(tmp_path)
-    assert main(["cache", "--data", str(root), "--dataset", "cifar100", "--weights", "none", "--batch-size", "256",
-                 *TINY]) == 0
+    assert main(["cache", "--data", str(root), "--dataset", "cifar100", "--batch-size", "256", *TINY, "--no-progress"]) == 0
     out = Path("data") / "cifar100-resnet18.h5"
     assert out.is_file() and default_cache_path(open_dataset(root), "resnet18") == out
     cache = read_cache(out)
@@ -149,7 +147,7 @@ def test_a_crafted_cifar100_file_is_refused_in_one_line(name, tmp_path):
     root, _, _ = write_data(tmp_path / "cifar")
     path = root / "cifar-100-python" / name
     path.write_bytes(pickle.dumps({b"data": Payload(marker), b"fine_labels": [0]}, protocol=2))
-    done = fastfeat("cache", "--data", root, "--dataset", "cifar100", "--weights", "none", "--out", tmp_path / "c.h5", *TINY)
+    done = fastfeat("cache", "--data", root, "--dataset", "cifar100", "--out", tmp_path / "c.h5", *TINY, "--no-progress")
     assert done.returncode == 2 and refused(done.stderr, "cache", "CIFAR-100 file", path, "numpy arrays and plain values"), done.stderr
     assert not marker.exists() and not (tmp_path / "c.h5").exists()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run, write_cache
+from helpers import run, write_cache
 
 from fastfeat.docs import OUT, cli_markdown
 from fastfeat.errors import InputError

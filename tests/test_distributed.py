@@ -8,7 +8,7 @@ import sys
 
 import h5py
 import numpy as np
-from conftest import make_folder
+from helpers import TINY, make_folder, torchrun
 
 from fastfeat.cache_file import shard_path
 from fastfeat.distributed import World, shard_range
@@ -16,15 +16,6 @@ from fastfeat.finetune import epoch_order
 from fastfeat.model_files import read_checkpoint
 from fastfeat.runtime import MAX_LOADER_WORKERS, loader_workers
 
-SMALL = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--no-progress"]
-
-
-def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "fastfeat", *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
 
 
 def rows(path) -> dict[str, np.ndarray]:
@@ -57,7 +48,7 @@ def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_
     data = make_folder(tmp_path / "folder", per_class=7)
     bad = data / "test" / "dog" / "zz.jpg"  # last row of test: in rank 1's shard
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 20)
-    common = ["cache", "--data", str(data), *SMALL, "--no-amp", "--dtype", "float32", "--batch-size", "4", "--loader", "torch"]
+    common = ["cache", "--data", str(data), *TINY, "--no-progress", "--no-amp", "--dtype", "float32", "--batch-size", "4"]
     out = tmp_path / "two.h5"
 
     failed = torchrun(*common, "--out", str(out))
@@ -86,7 +77,7 @@ def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_
 
 def test_two_rank_finetune_checkpoints_and_resumes_with_any_rank_count(learnable, tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.json"
-    common = ["finetune", "--data", str(learnable), *SMALL, "--loader", "torch", "--batch-size", "8",
+    common = ["finetune", "--data", str(learnable), *TINY, "--no-progress", "--batch-size", "8",
               "--checkpoint-dir", str(ckpt), "--metrics", str(metrics)]
     first = torchrun(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr

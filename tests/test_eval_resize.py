@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import LOADERS
 from PIL import Image
 from torchvision import models
 from torchvision import transforms as T
 
 from fastfeat.backbone import build_backbone
-from fastfeat.loaders import dali_available, eval_batches
+from fastfeat.loaders import eval_batches
 from fastfeat.sources import Split
 from fastfeat.transforms import Preprocess, crop_start, eval_transform, per_size, resize_center_crop, resized_size
 
@@ -18,7 +19,6 @@ from fastfeat.transforms import Preprocess, crop_start, eval_transform, per_size
 # downsampling, equal size, non-square
 SIZES = [(32, 32, 256, 224), (32, 32, 224, 224), (375, 500, 256, 224), (768, 1024, 256, 224), (40, 50, 64, 56),
          (37, 29, 32, 24), (120, 90, 40, 36), (31, 33, 31, 31)]
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed"))]
 
 
 def random_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import make_folder, run, separable, write_cache
+from helpers import make_cifar, make_folder, run, separable, write_cache
 
 from fastfeat.evaluation import classification_report
 
@@ -80,8 +80,6 @@ def test_info_says_what_each_file_holds(tmp_path, capsys):
 
 
 def test_info_on_a_finetune_checkpoint(tmp_path, capsys):
-    from conftest import make_cifar
-
     data = make_cifar(tmp_path / "d", n_train=40, n_test=8)
     ckpt = tmp_path / "ck"
     args = ["finetune", "--data", str(data), "--image-size", "32", "--weights", "none", "--device", "cpu",

@@ -7,19 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_AMP, MEAN, STD
+from helpers import CPU_AMP, LOADERS, MEAN, STD
 
 from fastfeat.cli import main
 from fastfeat.errors import InputError
 from fastfeat.finetune import FinetuneOptions, Trainer, finetune
-from fastfeat.loaders import dali_available, eval_batches, train_batches
+from fastfeat.loaders import eval_batches, train_batches
 from fastfeat.model_files import read_checkpoint
 from fastfeat.predict import Predictor, load_classifier
 from fastfeat.runtime import autocast
 from fastfeat.sources import Split, open_dataset
 from fastfeat.transforms import Augment, Preprocess
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 PRE = Preprocess(resize=73, image_size=64)
 TINY = {"image_size": 32, "resize": 32}  # the learnable set's own size: 4x fewer pixels than PRE
 

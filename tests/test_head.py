@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_AMP, separable, write_cache
+from helpers import CPU_AMP, separable, write_cache
 from probe_reference import fit_lbfgs_reference
 
 from fastfeat import CacheOptions, FeatureSpec, InputError, build_cache, read_cache

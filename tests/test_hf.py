@@ -99,7 +99,7 @@ def test_a_parquet_directory_with_named_integer_columns(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_hf_dataset(tmp_path, monkeypatch):
-    from conftest import interrupt_cache
+    from helpers import interrupt_cache
 
     save_dict(tmp_path / "d", sizes=(("train", 6), ("test", 3)))
     opts = CacheOptions(data=str(tmp_path / "d"), dataset="hf", out=str(tmp_path / "c.h5"), batch_size=2,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import CPU_AMP, make_cifar, make_folder, run, separable, write_cache
+from helpers import CPU_AMP, TINY, make_cifar, make_folder, one_line, run, separable, write_cache
 
 from fastfeat.backbone import build_backbone
 from fastfeat.errors import FastfeatError, InputError
@@ -24,14 +24,6 @@ from fastfeat.finetune import FinetuneOptions, finetune
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.sources import balanced_rows, open_dataset
 
-TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch"]
-
-
-def one_line(argv: list[str], capsys, match: str, code: int = 2) -> str:
-    got, _, err = run(argv, capsys)
-    assert got == code and len(err) == 1, (got, err)
-    assert match in err[0] and err[0].startswith(f"fastfeat {argv[0]}: "), err[0]
-    return err[0]
 
 
 def test_balanced_rows_against_brute_force():

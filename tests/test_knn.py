@@ -3,13 +3,12 @@ validation that never sees itself, the command end to end, one-line refusals."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run, separable, write_cache
+from helpers import reference_predictions, run, separable, write_cache
 
 from fastfeat.errors import InputError
 from fastfeat.knn import (
@@ -20,21 +19,6 @@ from fastfeat.knn import (
     knn_predict,
     top_neighbours,
 )
-
-
-def reference_predictions(train_x: np.ndarray, train_y: np.ndarray, queries: np.ndarray, k: int, temperature: float,
-                          num_classes: int) -> np.ndarray:
-    """Brute force in float64: the full cosine similarity matrix, each query's train rows sorted by it,
-    and the weighted vote of the first k counted one neighbour at a time."""
-    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-    sims = unit(queries) @ unit(train_x).T
-    preds = []
-    for row in sims:
-        votes = [0.0] * num_classes
-        for j in np.argsort(-row, kind="stable")[:k]:
-            votes[train_y[j]] += math.exp(row[j] / temperature)
-        preds.append(int(np.argmax(votes)))
-    return np.array(preds)
 
 
 def gaussian(n: int, rng: np.random.Generator, classes: int = 4, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_cifar, run, separable, write_cache
+from helpers import make_cifar, run, separable, write_cache
 
 from fastfeat.cache_file import partial_path
-from fastfeat.outputs import OutputLock, lock_path
+from fastfeat.outputs import lock_path
 
 TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch",
         "--no-amp", "--no-progress"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, run, separable, write_cache
+from helpers import CLASSES, make_folder, run, separable, write_cache
 
 from fastfeat.head import load_features
 from fastfeat.model_files import load_head
@@ -66,8 +66,6 @@ def test_plot_without_matplotlib_is_one_line_before_any_training(folder_cache, t
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) is not installed")
 def test_finetune_writes_the_last_models_test_predictions_and_its_plots(tmp_path, capsys):
-    from conftest import make_folder
-
     data = make_folder(tmp_path / "folder", per_class=4)
     code, _, err = run(["finetune", "--data", str(data), "--weights", "none", "--image-size", "32", "--resize", "36",
                         "--loader", "torch", "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0",

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_cifar
+from helpers import CPU_32, Payload, fastfeat, make_cifar, refused
 
 from fastfeat.cli import main
 from fastfeat.sources import open_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "32", "--resize", "36", "--device", "cpu", "--loader", "torch", "--no-progress"]
-
-
-class Payload:
-    """Unpickling this runs code: it creates `marker` (what an attacker's file would do, less harmlessly)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').close()",)
+QUIET = [*CPU_32, "--no-progress"]  # --weights given by each call
 
 
 def evil_torch_file(path: Path, marker: Path) -> Path:
@@ -44,12 +31,6 @@ def evil_cifar(root: Path, name: str, marker: Path) -> Path:
     return root
 
 
-def fastfeat(*args: str) -> subprocess.CompletedProcess:
-    """The real command line in a process of its own, so every line it writes to stderr is seen."""
-    return subprocess.run([sys.executable, "-m", "fastfeat", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_cifar(tmp_path_factory.mktemp("data"), n_train=20, n_test=10)
@@ -59,7 +40,7 @@ def data(tmp_path_factory) -> Path:
 def head(data, tmp_path_factory) -> Path:
     """A head made by `train-head` on a random-init backbone's cache of `data`."""
     out = tmp_path_factory.mktemp("head")
-    assert main(["cache", "--data", str(data), "--weights", "none", "--out", str(out / "c.h5"), *TINY]) == 0
+    assert main(["cache", "--data", str(data), "--weights", "none", "--out", str(out / "c.h5"), *QUIET]) == 0
     assert main(["train-head", "--cache", str(out / "c.h5"), "--epochs", "1", "--device", "cpu",
                  "--out", str(out / "head.pt")]) == 0
     return out / "head.pt"
@@ -83,18 +64,12 @@ ENTRY_POINTS = {
     "predict --model": ("predict", "model file", ["--model", "{evil}", "--device", "cpu", "x.png"]),
     "predict --weights": ("predict", "weights file", ["--model", "{head}", "--weights", "{evil}", "--device", "cpu", "x.png"]),
     "finetune --init-head": ("finetune", "head file", ["--data", "{data}", "--weights", "none", "--init-head", "{evil}",
-                                                       "--checkpoint-dir", "{dir}", *TINY]),
+                                                       "--checkpoint-dir", "{dir}", *QUIET]),
     "finetune --resume": ("finetune", "checkpoint", ["--data", "{data}", "--weights", "none", "--resume",
-                                                     "--checkpoint-dir", "{dir}", *TINY]),
-    "finetune --weights": ("finetune", "weights file", ["--data", "{data}", "--weights", "{evil}", "--checkpoint-dir", "{dir}", *TINY]),
-    "cache --weights": ("cache", "weights file", ["--data", "{data}", "--weights", "{evil}", "--out", "{dir}/c.h5", *TINY]),
+                                                     "--checkpoint-dir", "{dir}", *QUIET]),
+    "finetune --weights": ("finetune", "weights file", ["--data", "{data}", "--weights", "{evil}", "--checkpoint-dir", "{dir}", *QUIET]),
+    "cache --weights": ("cache", "weights file", ["--data", "{data}", "--weights", "{evil}", "--out", "{dir}/c.h5", *QUIET]),
 }
-
-
-def refused(stderr: str, command: str, what: str, path: Path, allowed: str) -> bool:
-    """Exactly one line: the command's error line refusing `path`, naming the code it would have run."""
-    prefix = f"fastfeat {command}: error: refusing {what} {path}: it holds Python objects other than {allowed} ("
-    return len(stderr.splitlines()) == 1 and stderr.startswith(prefix) and "exec" in stderr
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -124,7 +99,7 @@ def test_a_plain_pickle_given_as_a_model_is_unreadable_in_one_line(tmp_path):
 def test_a_crafted_cifar_batch_is_refused_in_one_line(name, tmp_path):
     marker = tmp_path / "MARKER"
     root = evil_cifar(tmp_path / "cifar", name, marker)
-    done = fastfeat("cache", "--data", root, "--weights", "none", "--out", tmp_path / "c.h5", *TINY)
+    done = fastfeat("cache", "--data", root, "--weights", "none", "--out", tmp_path / "c.h5", *QUIET)
     path = root / "cifar-10-batches-py" / name
     assert done.returncode == 2 and refused(done.stderr, "cache", "CIFAR-10 file", path, "numpy arrays and plain values"), done.stderr
     assert not marker.exists() and not (tmp_path / "c.h5").exists()
@@ -149,7 +124,7 @@ def test_cifar_batches_pickled_with_any_protocol_load(protocol, tmp_path):
 def test_what_fastfeat_writes_loads_with_weights_only(data, head, tmp_path):
     """Checkpoints (RNG state included) and heads hold only tensors and plain values, and resume safely."""
     ckpt = tmp_path / "ckpt"
-    args = ["finetune", "--data", str(data), "--weights", "none", "--batch-size", "8", "--checkpoint-dir", str(ckpt), *TINY]
+    args = ["finetune", "--data", str(data), "--weights", "none", "--batch-size", "8", "--checkpoint-dir", str(ckpt), *QUIET]
     assert main([*args, "--epochs", "1"]) == 0
     for path in (ckpt / "last.pt", ckpt / "best.pt", head):
         assert isinstance(torch.load(path, weights_only=True), dict)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import LOADERS, interrupt_cache, make_cifar, make_folder
 
-from conftest import make_cifar, make_folder
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import read_cache
 from fastfeat.cli import main
-from fastfeat.loaders import dali_available
+from fastfeat.errors import InputError
 from fastfeat.sources import DATASET_KINDS, KINDS, open_dataset
 
 
@@ -37,8 +37,6 @@ def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):
     assert DATASET_KINDS == ("auto", *KINDS) and {"cifar10", "cifar100", "hf", "folder", "list", "mnist", "fashion_mnist",
                                                   "dtd", "oxford_pets"} <= set(KINDS)
     assert "hf:uoft-cs/cifar10" in DATASET_KINDS and "hf:" in DATASET_KINDS and "imagenet-x" not in DATASET_KINDS
-    from fastfeat.errors import InputError
-
     with pytest.raises(InputError, match="unknown dataset 'imagenet-x': choose from auto, cifar10, cifar100, hf, webdataset, folder, list, "
                                          r"mnist, .*, country211, hf:NAME\[:CONFIG\]$"):
         open_dataset(tmp_path, "imagenet-x")
@@ -98,8 +96,6 @@ def test_a_file_list_lists_the_folders_rows(tmp_path, labels, sep):
         np.testing.assert_array_equal(listed.splits[split].labels, folders.splits[split].labels)
 
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no nvidia-dali"))]
-
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_a_list_caches_the_same_features_as_its_folder(tmp_path, loader):
@@ -147,9 +143,6 @@ def test_bad_file_lists_are_one_line(tmp_path, capsys, case, expected):
 
 
 def test_resume_refuses_a_changed_list(tmp_path, monkeypatch):
-    from conftest import interrupt_cache
-    from fastfeat.errors import InputError
-
     folder = make_folder(tmp_path / "f", sizes=((20, 20),), per_class=4)
     for split in ("train", "test"):
         write_list(folder, f"{split}.csv", split=split)

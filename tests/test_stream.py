@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run, separable, write_cache
+from helpers import run, separable, write_cache
 
 from fastfeat.budget import StreamPlan, parse_size
 from fastfeat.cache_file import BlockReader

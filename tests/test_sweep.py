@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run, separable, write_cache
+from helpers import run, separable, write_cache
 from probe_reference import fit_sklearn_reference
 
 from fastfeat.head import HeadOptions, load_features, train_head, validation_split

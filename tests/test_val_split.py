@@ -5,16 +5,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, make_cifar, make_folder, run, separable, write_cache
-from test_knn import reference_predictions
+from helpers import CLASSES, TINY, make_cifar, make_folder, reference_predictions, run, separable, write_cache
 
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.knn import KnnOptions, knn_evaluate
 from fastfeat.model_files import load_head
 from fastfeat.sources import open_dataset
-
-TINY = ["--weights", "none", "--image-size", "32", "--resize", "36", "--loader", "torch", "--device", "cpu"]
-
 
 def test_a_folder_with_val_beside_test_has_three_splits(tmp_path):
     root = make_folder(tmp_path / "f", splits=("train", "val", "test"), per_class=2)

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, interrupt_cache, run, separable, write_cache
+from helpers import CLASSES, LOADERS, TINY, interrupt_cache, run, separable, torchrun, write_cache
 from PIL import Image
-from test_cache import LOADERS
-from test_distributed import SMALL, torchrun
 
 from fastfeat import CacheOptions, InputError, build_cache, read_cache
 from fastfeat.cache_file import describe_cache, partial_path
@@ -112,8 +110,8 @@ def test_resume_keeps_views_and_refuses_other_view_settings(tmp_path, monkeypatc
 
 def test_two_rank_join_keeps_views(tmp_path):
     data = png_folder(tmp_path / "a", per_class=3)  # 6 rows a split: each rank's 3 rows are one batch of 3
-    common = ["cache", "--data", str(data), *SMALL, "--no-amp", "--dtype", "float32", "--batch-size", "3",
-              "--loader", "torch", "--tta", "flip", "--views", "1"]
+    common = ["cache", "--data", str(data), *TINY, "--no-progress", "--no-amp", "--dtype", "float32", "--batch-size", "3",
+              "--tta", "flip", "--views", "1"]
     done = torchrun(*common, "--out", str(tmp_path / "two.h5"))
     assert done.returncode == 0, done.stderr
     single = subprocess.run([sys.executable, "-m", "fastfeat", *common, "--out", str(tmp_path / "one.h5")],
@@ -224,7 +222,7 @@ def test_knn_and_train_head_say_which_views_they_used(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["cache", "--views", "-1"], "--views must be 0 or more"),
+    (["cache", "--views", "-1"], "--views must be a whole number >= 0, got -1"),
     (["train-head", "--tta"], "holds no flipped views"),
     (["knn", "--tta", "--k", "1"], "holds no flipped views"),
 ])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt_cache, make_folder
+from helpers import interrupt_cache, make_folder
 from test_distributed import SMALL, rows, torchrun
 from test_sources import cache_error, write_list
 

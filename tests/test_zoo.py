@@ -272,7 +272,7 @@ def test_array_sets_limit_splits_and_attributes(tmp_path):
 
 
 def test_resume_refuses_a_replaced_array_file(tmp_path, monkeypatch):
-    from conftest import interrupt_cache
+    from helpers import interrupt_cache
 
     write_svhn(tmp_path, {"train": 6, "test": 2})
     opts = CacheOptions(data=str(tmp_path), dataset="svhn", out=str(tmp_path / "c.h5"), weights="none", image_size=32,

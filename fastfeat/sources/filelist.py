@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import InputError
 from .base import SPLITS, Dataset, SourceKind, Split, checked_labels
 
