@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from fastfeat.cache_file import CacheWriter
 from fastfeat.cli import main
 from fastfeat.loaders import dali_available
 from fastfeat.runtime import precision
-from fastfeat.sources import Dataset
+from fastfeat.sources import Dataset, open_dataset
 from fastfeat.spec import FeatureSpec
 from fastfeat.transforms import Preprocess
 
@@ -176,6 +177,30 @@ def refused(stderr: str, command: str, what: str, path: Path, allowed: str) -> b
     prefix = f"fastfeat {command}: error: refusing {what} {path}: it holds Python objects other than {allowed} ("
     lines = [line for line in stderr.splitlines() if not line.startswith("fastfeat: info: ")]
     return len(lines) == 1 and lines[0].startswith(prefix) and "exec" in lines[0]
+
+
+def cache_error(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Exit code and the non-empty stderr lines of `fastfeat cache ARGV`."""
+    code = main(["cache", "--no-progress", "--device", "cpu", "--weights", "none", "--loader", "torch", *argv])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def write_list(folder, name: str = "train.csv", labels: str = "names", sep: str = ",", split: str = "train") -> list:
+    """A list of every image of folder/<split>/ (in the folder's order), with class names or integers."""
+    dataset = open_dataset(folder, "folder", (split,))
+    rel = [str(Path(f).relative_to(folder)) for f in dataset.splits[split].files]
+    text = ["path" + sep + "label"] + [
+        sep.join((path, dataset.classes[y] if labels == "names" else str(y)))
+        for path, y in zip(rel, dataset.splits[split].labels.tolist())]
+    (folder / name).write_text("\n".join(text) + "\n")
+    return rel
+
+
+def cache_rows(path) -> dict[str, np.ndarray]:
+    """Every split's features, labels and files of a complete cache."""
+    with h5py.File(path) as f:
+        assert f.attrs["complete"]
+        return {f"{s}/{k}": f[s][k][:] for s in ("train", "test") for k in ("features", "labels", "files")}
 
 
 # ---- independent references ------------------------------------------------------------------------------

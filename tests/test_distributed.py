@@ -6,9 +6,8 @@ import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
-from helpers import TINY, make_folder, torchrun
+from helpers import TINY, cache_rows, make_folder, torchrun
 
 from fastfeat.cache_file import shard_path
 from fastfeat.distributed import World, shard_range
@@ -16,12 +15,6 @@ from fastfeat.finetune import epoch_order
 from fastfeat.model_files import read_checkpoint
 from fastfeat.runtime import MAX_LOADER_WORKERS, loader_workers
 
-
-
-def rows(path) -> dict[str, np.ndarray]:
-    with h5py.File(path) as f:
-        assert f.attrs["complete"]
-        return {f"{s}/{k}": f[s][k][:] for s in ("train", "test") for k in ("features", "labels", "files")}
 
 
 def test_shards_are_disjoint_and_cover_every_row():
@@ -67,7 +60,7 @@ def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_
     single = subprocess.run([sys.executable, "-m", "fastfeat", *common, "--out", str(tmp_path / "one.h5")],
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    two, one = rows(out), rows(tmp_path / "one.h5")
+    two, one = cache_rows(out), cache_rows(tmp_path / "one.h5")
     for key in one:
         if key.endswith("files"):
             np.testing.assert_array_equal(two[key], one[key], err_msg=key)

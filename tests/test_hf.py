@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cache_error, interrupt_cache
 from PIL import Image
 
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import read_cache
 from fastfeat.errors import InputError
 from fastfeat.sources import SourceInputs, open_dataset
-from test_sources import cache_error
 
 datasets = pytest.importorskip("datasets")
 
@@ -99,7 +99,6 @@ def test_a_parquet_directory_with_named_integer_columns(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_hf_dataset(tmp_path, monkeypatch):
-    from helpers import interrupt_cache
 
     save_dict(tmp_path / "d", sizes=(("train", 6), ("test", 3)))
     opts = CacheOptions(data=str(tmp_path / "d"), dataset="hf", out=str(tmp_path / "c.h5"), batch_size=2,

@@ -7,30 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import LOADERS, interrupt_cache, make_cifar, make_folder
+from helpers import LOADERS, cache_error, interrupt_cache, make_cifar, make_folder, write_list
 
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import read_cache
-from fastfeat.cli import main
 from fastfeat.errors import InputError
 from fastfeat.sources import DATASET_KINDS, KINDS, open_dataset
-
-
-def cache_error(capsys, *argv: str) -> tuple[int, list[str]]:
-    """Exit code and the non-empty stderr lines of `fastfeat cache ARGV`."""
-    code = main(["cache", "--no-progress", "--device", "cpu", "--weights", "none", "--loader", "torch", *argv])
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-
-def write_list(folder, name: str = "train.csv", labels: str = "names", sep: str = ",", split: str = "train") -> list:
-    """A list of every image of folder/<split>/ (in the folder's order), with class names or integers."""
-    dataset = open_dataset(folder, "folder", (split,))
-    rel = [str(Path(f).relative_to(folder)) for f in dataset.splits[split].files]
-    text = ["path" + sep + "label"] + [
-        sep.join((path, dataset.classes[y] if labels == "names" else str(y)))
-        for path, y in zip(rel, dataset.splits[split].labels.tolist())]
-    (folder / name).write_text("\n".join(text) + "\n")
-    return rel
 
 
 def test_every_kind_is_one_entry_and_unknown_names_list_them(tmp_path, capsys):

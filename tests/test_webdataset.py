@@ -11,20 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import interrupt_cache, make_folder
-from test_distributed import SMALL, rows, torchrun
-from test_sources import cache_error, write_list
+from helpers import LOADERS, TINY, cache_error, cache_rows, interrupt_cache, make_folder, torchrun, write_list
 
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import read_cache
 from fastfeat.errors import InputError
-from fastfeat.loaders import dali_available, eval_batches
+from fastfeat.loaders import eval_batches
 from fastfeat.sources import open_dataset
 from fastfeat.sources.webdataset import expand_braces, index_paths
 from fastfeat.synthetic import add_member, write_shards
 from fastfeat.transforms import Preprocess
 
-LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no nvidia-dali"))]
 OPTS = dict(weights="none", image_size=32, resize=36, device="cpu", progress=False, amp=False, dtype="float32",
             batch_size=4, compile=False)
 
@@ -177,14 +174,14 @@ def test_resume_refuses_changed_shards(tmp_path, monkeypatch, shards):
 def test_two_rank_cache_of_shards_equals_one_rank_cache(tmp_path, loader):
     folder = make_folder(tmp_path / "f", per_class=7)
     wds = write_shards(folder, tmp_path / "w", per_shard=4)  # 14 rows a split: ranks split shard 1 (rows 4..7)
-    common = ["cache", "--data", str(wds), *SMALL, "--no-amp", "--dtype", "float32", "--batch-size", "4",
+    common = ["cache", "--data", str(wds), *TINY, "--no-progress", "--no-amp", "--dtype", "float32", "--batch-size", "4",
               "--loader", loader]
     two = torchrun(*common, "--out", str(tmp_path / "two.h5"))
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "fastfeat", *common, "--out", str(tmp_path / "one.h5")],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = rows(tmp_path / "two.h5"), rows(tmp_path / "one.h5")
+    a, b = cache_rows(tmp_path / "two.h5"), cache_rows(tmp_path / "one.h5")
     for key in b:
         if key.endswith("files"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cache_error, interrupt_cache
 from PIL import Image
 
 from fastfeat.cache import CacheOptions, build_cache
@@ -18,7 +19,6 @@ from fastfeat.cache_file import read_cache
 from fastfeat.errors import InputError
 from fastfeat.sources import KINDS, open_dataset
 from fastfeat.sources.zoo import HELD_OUT
-from test_sources import cache_error
 
 RNG = np.random.default_rng(0)
 Rows = dict[str, tuple[list[str], list[int]]]  # split -> (image paths relative to the set's folder, labels)
@@ -272,7 +272,6 @@ def test_array_sets_limit_splits_and_attributes(tmp_path):
 
 
 def test_resume_refuses_a_replaced_array_file(tmp_path, monkeypatch):
-    from helpers import interrupt_cache
 
     write_svhn(tmp_path, {"train": 6, "test": 2})
     opts = CacheOptions(data=str(tmp_path), dataset="svhn", out=str(tmp_path / "c.h5"), weights="none", image_size=32,
