@@ -1,5 +1,6 @@
-"""`python -m fastfeat.docs`: docs/cli.md, every command's usage and flags with their defaults, made from the parser
-itself so that it cannot drift from `--help`; tests/test_cli.py checks the committed file is current."""
+"""`python -m fastfeat.docs`: the pages made from the code itself so that they cannot drift from it: docs/cli.md
+(every command's usage and flags with their defaults, from the parser) and the table of data sources in
+docs/sources.md (from `fastfeat.sources.KINDS`); tests/test_cli.py checks the committed files are current."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,8 @@ from pathlib import Path
 from .cli import build_parser
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+SOURCES = OUT.parent / "sources.md"
+KINDS_BEGIN, KINDS_END = "<!-- kinds: made by python -m fastfeat.docs from fastfeat.sources.KINDS -->", "<!-- end kinds -->"
 WIDTH = "100"  # argparse wraps at $COLUMNS: fixed, so the file is the same on every terminal
 
 
@@ -37,12 +40,37 @@ def cli_markdown() -> str:
     return "\n".join(parts) + "\n"
 
 
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+
+
+def kinds_table() -> str:
+    """One row per `--dataset` kind, in `--dataset auto`'s detection order."""
+    from .sources import KINDS
+
+    rows = ["| `--dataset` | what `--data` holds | `--download` |", "|---|---|---|"]
+    rows += [f"| `{kind.name}` | {_markdown_cell(kind.layout)} | {'yes' if kind.download else 'no'} |"
+             for kind in KINDS.values()]
+    return "\n".join(rows)
+
+
+def sources_markdown(page: str) -> str:
+    """docs/sources.md's text `page` with its kinds table made anew (the prose around it kept)."""
+    head, rest = page.split(KINDS_BEGIN)
+    return f"{head}{KINDS_BEGIN}\n{kinds_table()}\n{KINDS_END}{rest.split(KINDS_END)[1]}"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".md.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     OUT.parent.mkdir(exist_ok=True)
-    tmp = OUT.with_suffix(".md.partial")
-    tmp.write_text(cli_markdown())
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    _write(OUT, cli_markdown())
+    _write(SOURCES, sources_markdown(SOURCES.read_text()))
     return 0
 
 

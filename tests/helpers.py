@@ -45,6 +45,13 @@ TINY = [*CPU_32, "--weights", "none"]
 # ---- running the command line ------------------------------------------------------------------------
 
 
+def error_lines(stderr: str | list[str]) -> list[str]:
+    """The non-empty stderr lines but the info lines (such as, on a CPU without native bf16, where `--amp`
+    runs in float32): what a one-line error is counted on."""
+    lines = stderr.splitlines() if isinstance(stderr, str) else stderr
+    return [line for line in lines if line.strip() and not line.startswith("fastfeat: info: ")]
+
+
 def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
     """Run the CLI in-process: exit code, stdout and the non-empty stderr lines."""
     try:
@@ -58,6 +65,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
 def one_line(argv: list[str], capsys, match: str, code: int = 2) -> str:
     """Run the CLI in-process and check that it failed with `code` and one error line containing `match`."""
     got, _, err = run(argv, capsys)
+    err = error_lines(err)
     assert got == code and len(err) == 1, (got, err)
     assert match in err[0] and err[0].startswith(f"fastfeat {argv[0]}: "), err[0]
     return err[0]
@@ -172,10 +180,9 @@ class Payload:
 
 
 def refused(stderr: str, command: str, what: str, path: Path, allowed: str) -> bool:
-    """Exactly one error line (beside info lines, such as where --amp runs in float32): the command's line
-    refusing `path`, naming the code it would have run."""
+    """Exactly one error line: the command's line refusing `path`, naming the code it would have run."""
     prefix = f"fastfeat {command}: error: refusing {what} {path}: it holds Python objects other than {allowed} ("
-    lines = [line for line in stderr.splitlines() if not line.startswith("fastfeat: info: ")]
+    lines = error_lines(stderr)
     return len(lines) == 1 and lines[0].startswith(prefix) and "exec" in lines[0]
 
 

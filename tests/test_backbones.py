@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import LOADERS, MEAN, STD, assert_same_features, one_line, run
+from helpers import LOADERS, MEAN, STD, assert_same_features, error_lines, one_line, run
 from PIL import Image
 
 from fastfeat import CacheOptions, FeatureSpec, FinetuneOptions, HeadOptions, InputError, build_cache, read_cache
@@ -308,7 +308,7 @@ def test_timm_arch_without_timm_is_one_line(photos, tmp_path):
                            "--weights", "none", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "t.h5")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines() == ["fastfeat cache: error: timm is not installed: pip install 'fastfeat[timm]'"]
+    assert error_lines(proc.stderr) == ["fastfeat cache: error: timm is not installed: pip install 'fastfeat[timm]'"]
     assert not list(tmp_path.iterdir())
 
 

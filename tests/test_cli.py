@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from helpers import run, write_cache
 
-from fastfeat.docs import OUT, cli_markdown
+from fastfeat.docs import OUT, SOURCES, cli_markdown, sources_markdown
 from fastfeat.errors import InputError
 from fastfeat.settings import CacheOptions, HeadOptions, KnnOptions, PredictOptions
+from fastfeat.sources import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_LOADED = "import sys; {}; print(sorted(m for m in ('torch', 'nvidia.dali') if m in sys.modules))"
@@ -85,3 +86,9 @@ def test_in_range_values_pass():
 
 def test_docs_cli_md_is_what_the_parser_prints_now():
     assert OUT.read_text() == cli_markdown(), "docs/cli.md is stale: run python -m fastfeat.docs"
+
+
+def test_docs_sources_md_lists_every_kind_as_the_table_has_it():
+    page = SOURCES.read_text()
+    assert page == sources_markdown(page), "docs/sources.md is stale: run python -m fastfeat.docs"
+    assert all(f"| `{kind}` |" in page for kind in KINDS) and "| `webdataset` | &lt;split>/\\*.tar" in page

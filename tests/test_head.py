@@ -280,3 +280,45 @@ def test_out_may_not_overwrite_the_cache(toy_cache):
     with pytest.raises(InputError, match="is the cache itself"):
         train_head(quiet(toy_cache, out=str(toy_cache)), log=lambda line: None)
     assert read_cache(toy_cache).features["train"].shape == (1500, 512)
+
+
+@pytest.mark.parametrize("weight_decay", [1e-2, 1e-1])
+def test_lbfgs_head_is_scikit_learns_logistic_regression(tmp_path, weight_decay):
+    """`--optimizer lbfgs` minimises mean cross-entropy + λ/2 ||W||² on standardised features: scikit-learn's
+    multinomial `LogisticRegression` at C = 1 / (n λ) (its objective is C Σ cross-entropy + ½ ||W||²,
+    the intercept unpenalised) is the same minimum, so both give the same probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(3)
+
+    def overlapping(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        x = rng.normal(0.0, 1.0, (n, 512))
+        x[np.arange(n)[:, None], 8 * y[:, None] + np.arange(8)] += 0.7
+        return x.astype(np.float16), y
+
+    (train_x, train_y), (test_x, test_y) = overlapping(600), overlapping(300)
+    cache = write_cache(tmp_path / "c.h5", {"train": (train_x, train_y), "test": (test_x, test_y)})
+    result = train_head(quiet(cache, optimizer="lbfgs", weight_decay=weight_decay, epochs=60, val_fraction=0,
+                              out=str(tmp_path / "h.pt")), log=lambda line: None)
+    head = load_head(result.out)[0]
+    x, t = train_x.astype(np.float32), test_x.astype(np.float32)
+    np.testing.assert_allclose(head.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.std.numpy(), x.std(0, ddof=1), rtol=1e-4)
+    mean, std = head.mean.numpy(), head.std.numpy()
+    reference = LogisticRegression(C=1 / (len(x) * weight_decay), tol=1e-10, max_iter=10_000)
+    reference.fit((x - mean) / std, train_y)
+    with torch.no_grad():
+        ours = head(torch.from_numpy(t)).softmax(1).numpy()
+    theirs = reference.predict_proba((t - mean) / std)
+    assert 0.6 < (theirs.argmax(1) == test_y).mean() < 1.0  # a problem with something to get wrong
+
+    def objective(weight: np.ndarray, bias: np.ndarray) -> float:
+        logits = torch.from_numpy((x - mean) / std).double() @ torch.from_numpy(weight).double().T + torch.from_numpy(bias)
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(train_y))
+        return loss.item() + 0.5 * weight_decay * float(np.square(weight.astype(np.float64)).sum())
+
+    ours_at, theirs_at = objective(head.fc.weight.detach().numpy(), head.fc.bias.detach().numpy()), \
+        objective(reference.coef_, reference.intercept_)
+    assert theirs_at - 1e-6 <= ours_at <= theirs_at * (1 + 1e-5), (ours_at, theirs_at)  # never below sklearn's minimum
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)

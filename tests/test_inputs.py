@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import CPU_AMP, TINY, make_cifar, make_folder, one_line, run, separable, write_cache
+from helpers import CPU_AMP, TINY, error_lines, make_cifar, make_folder, one_line, run, separable, write_cache
 
 from fastfeat.backbone import build_backbone
 from fastfeat.errors import FastfeatError, InputError
@@ -167,13 +167,14 @@ BLOCK_NVIDIA = "import sys; sys.modules['nvidia'] = None; from fastfeat.cli impo
 def test_without_any_nvidia_package_cache_falls_back_to_torch(tmp_path):
     """CPU-only torch wheels and macOS have no `nvidia` package at all: auto must pick torch, not crash."""
     data = make_folder(tmp_path / "f")
-    args = ["cache", "--data", str(data), *TINY[:-2], "--no-progress"]
+    args = ["cache", "--data", str(data), "--image-size", "32", "--resize", "36", "--device", "cpu", "--weights", "none",
+            "--no-progress"]
     ok = subprocess.run([sys.executable, "-c", BLOCK_NVIDIA, *args, "--out", str(tmp_path / "a.h5")],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and "loader=torch" in ok.stdout, ok.stderr
     refused = subprocess.run([sys.executable, "-c", BLOCK_NVIDIA, *args, "--loader", "dali", "--out", str(tmp_path / "b.h5")],
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+    assert refused.returncode == 2 and error_lines(refused.stderr) == [
         "fastfeat cache: error: --loader dali: nvidia-dali is not installed (pip install 'fastfeat[dali]', or --loader torch)"]
 
 
