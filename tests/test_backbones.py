@@ -168,6 +168,7 @@ ROUND_TRIP = [("resnet18", 512), ("resnet50", 2048), ("mobilenet_v3_small", 1024
               ("convnext_tiny", 768), ("vit_b_16", 768)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, dim", ROUND_TRIP)
 def test_cache_head_predict_round_trip(arch, dim, photos, tmp_path):
     assert feature_size(arch) == dim

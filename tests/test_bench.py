@@ -57,6 +57,7 @@ def slowed(function, seconds: float):
     return slow
 
 
+@pytest.mark.slow
 def test_the_bottleneck_is_the_slowed_stage(tmp_path, monkeypatch, capsys):
     """One batch of 10 images: a loader sleeping 3 s a batch is slower than any model here (even on a
     loaded machine); then a model sleeping 3 s a call is slower than the loader."""

@@ -70,6 +70,7 @@ def test_224_features_match_the_recipe_reference_on_real_images(real_sample, wei
     check_224_features(real_sample if layout == "cifar10" else real_sample / "folder", weights_file, tmp_path, loader)
 
 
+@pytest.mark.slow
 def test_loaders_agree_and_folder_rows_map_to_pickle_rows(sample, weights_file, tmp_path):
     if not dali_available():
         pytest.skip("nvidia-dali not installed")
@@ -306,6 +307,7 @@ def test_offline_downloads_fail_in_one_line(tmp_path, monkeypatch, capsys):
         build_backbone("resnet18", "imagenet")
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     out, metrics = tmp_path / "c.h5", tmp_path / "m.json"
     proc = subprocess.run(
@@ -323,6 +325,7 @@ def test_console_script_end_to_end_with_metrics(sample, tmp_path):
     assert m["compiled"] is False  # --compile auto: 40 images are far too few to pay back a compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_image_from_the_console_is_one_line(folder, tmp_path, loader, damage):
@@ -343,6 +346,7 @@ def test_corrupt_image_from_the_console_is_one_line(folder, tmp_path, loader, da
     assert not (tmp_path / "c.h5").exists()
 
 
+@pytest.mark.slow
 def test_compiled_backbone_gives_the_same_features(sample, weights_file, tmp_path):
     kw = dict(splits=("test",), limit=24, loader="torch", weights=str(weights_file), batch_size=16, image_size=32, resize=36)
     eager = cache(sample, tmp_path / "e.h5", **kw)

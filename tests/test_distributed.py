@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import TINY, cache_rows, make_folder, torchrun
 
 from fastfeat.cache_file import shard_path
@@ -37,6 +38,7 @@ def test_decode_workers_split_the_cores_between_the_ranks_of_a_node(monkeypatch)
     assert loader_workers() == 1
 
 
+@pytest.mark.slow
 def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_path):
     data = make_folder(tmp_path / "folder", per_class=7)
     bad = data / "test" / "dog" / "zz.jpg"  # last row of test: in rank 1's shard
@@ -68,6 +70,7 @@ def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_
             np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_two_rank_finetune_checkpoints_and_resumes_with_any_rank_count(learnable, tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.json"
     common = ["finetune", "--data", str(learnable), *TINY, "--no-progress", "--batch-size", "8",

@@ -94,6 +94,7 @@ def feature_cosines(model: torch.nn.Module, got: torch.Tensor, reference: torch.
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("arch, weights_enum, interpolation", [
     ("efficientnet_b0", models.EfficientNet_B0_Weights, "bicubic"), ("resnet18", models.ResNet18_Weights, "bilinear")])
+@pytest.mark.slow
 def test_loaders_match_the_weights_transforms_on_pil(jpegs, loader, arch, weights_enum, interpolation):
     """Each loader's eval batches of JPEG files against the weights' own `transforms()` applied to the
     PIL images: the same pixels, so features of cosine >= 0.999 per image (random weights, fp32)."""

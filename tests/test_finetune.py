@@ -99,6 +99,7 @@ def test_label_smoothing_defaults_to_the_init_heads_own(tmp_path):
     assert label_smoothing(FinetuneOptions(init_head=str(heads["smoothed"]), label_smoothing=0.05)) == 0.05
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp_path):
     lines = []
     # backbone x0.1: a random network learns this set at a tenth of the head's lr, not at the default x1
@@ -129,6 +130,7 @@ def test_fp16_amp_uses_a_gradient_scaler(learnable, tmp_path):
     assert trainer.state()["scaler"]["scale"] > 0
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path, monkeypatch):
     whole = finetune(options(learnable, tmp_path / "a", epochs=2), log=lambda line: None)
     real_step, calls = Trainer.step, {"n": 0}
@@ -155,6 +157,7 @@ def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
 
 
+@pytest.mark.slow
 def test_predict_agrees_with_the_model(learnable, tmp_path, capsys):
     result = finetune(options(learnable, tmp_path, epochs=2), log=lambda line: None)
     classifier = load_classifier(result.best)
@@ -223,6 +226,7 @@ def test_folded_head_gives_the_heads_logits():
     assert torch.allclose(head.as_linear()(x), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager(learnable, tmp_path):
     """One fp32 step from the same init: torch.compile computes the same loss and the same update."""
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -289,6 +293,7 @@ def test_val_fraction_0_validates_on_test_every_epoch_and_says_so(learnable, tmp
     assert result.history[-1]["valid_acc"] == result.test["top1"]
 
 
+@pytest.mark.slow
 def test_metrics_report_the_last_model_and_best_pt_on_test(learnable, tmp_path):
     metrics = tmp_path / "m.json"
     assert main(["finetune", "--data", str(learnable), "--image-size", "32", "--resize", "32", "--weights", "none",
@@ -325,6 +330,7 @@ def calibrated_weights(weights_file, split: Split, out) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_init_head_epoch_0_is_not_worse_than_the_probe(sample, weights_file, tmp_path):
     """Fine-tuning from a probe head: after epoch 0 (the head-only warm-up), the validation rows are classified
     as well as the probe itself classifies them (from the cache of the same backbone and preprocessing), up to

@@ -104,6 +104,7 @@ def test_defaults_match_the_tuned_lbfgs_reference_on_backbone_features(sample_ca
     assert reference - 0.08 <= result.test["top1"] <= reference + 0.02, (result.test, reference, l2)
 
 
+@pytest.mark.slow
 def test_head_learns_real_random_init_features(real_sample, weights_file, tmp_path):
     """On real CIFAR-10 images a random-init backbone's features are weak, but a head still learns."""
     cache = backbone_cache(real_sample, weights_file, tmp_path / "real.h5", limit=1000)

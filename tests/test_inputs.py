@@ -217,6 +217,7 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path):
     assert len(lines) <= 6 and lines[-1].startswith("cache test: 24/24 img (100 %)"), lines
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_every_finetune_rank_with_one_line_each(tmp_path):
     data = make_folder(tmp_path / "f", per_class=12)
     bad = data / "train" / "dog" / "zz.jpg"

@@ -82,6 +82,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder(data, tmp_path, capsys)
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_concurrent_cache_writers_one_wins_and_the_cache_is_whole(data, reference, tmp_path):
     """The first waits before its first rows until the second has run (and failed) while it held the lock."""
     out, go = tmp_path / "c.h5", tmp_path / "go"
@@ -102,6 +103,7 @@ def test_two_concurrent_cache_writers_one_wins_and_the_cache_is_whole(data, refe
     assert not lock_path(out).exists() and not partial_path(out).exists()
 
 
+@pytest.mark.slow
 def test_kill_9_while_holding_the_lock_the_next_run_takes_it_and_resumes(data, reference, tmp_path):
     out = tmp_path / "c.h5"
     killed = ("import os, signal, sys\nfrom fastfeat.cache_file import CacheWriter\nfrom fastfeat.cli import main\n"
@@ -125,6 +127,7 @@ def _file_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_resume_after_it_equals_one_run(data, reference, tmp_path):
     """The cache's space is taken when it is created: a size limit fails then, before any work, in one line
     (no segmentation fault, no HDF5 traceback), and nothing is left; without the limit --resume makes the cache."""
@@ -159,6 +162,7 @@ def test_a_write_failing_mid_run_leaves_a_resumable_partial(data, reference, tmp
     same_cache(out, reference)
 
 
+@pytest.mark.slow
 def test_a_head_that_cannot_be_saved_keeps_the_previous_one(reference, tmp_path):
     head = tmp_path / "head.pt"
     argv = ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "1", "--out", str(head)]

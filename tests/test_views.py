@@ -94,6 +94,7 @@ def test_layout_is_readable_by_the_old_reader_and_described(tmp_path):
     assert info["train"]["view_transforms"] == ["flip", "crop-flip"] and info["test"]["views"] == "(6, 1, 512) float32"
 
 
+@pytest.mark.slow
 def test_resume_keeps_views_and_refuses_other_view_settings(tmp_path, monkeypatch):
     data, kw = png_folder(tmp_path / "a", per_class=4), dict(loader="torch", tta="flip", views=2, batch_size=2)
     whole = cache(data, tmp_path / "whole.h5", **kw)
@@ -108,6 +109,7 @@ def test_resume_keeps_views_and_refuses_other_view_settings(tmp_path, monkeypatc
         np.testing.assert_array_equal(resumed.features[split], whole.features[split])
 
 
+@pytest.mark.slow
 def test_two_rank_join_keeps_views(tmp_path):
     data = png_folder(tmp_path / "a", per_class=3)  # 6 rows a split: each rank's 3 rows are one batch of 3
     common = ["cache", "--data", str(data), *TINY, "--no-progress", "--no-amp", "--dtype", "float32", "--batch-size", "3",
