@@ -8,6 +8,7 @@ table of `fastfeat cache`'s options for every cache, and `[probes.NAME]` tables 
 """
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -152,7 +153,8 @@ def _as_option(cls, name: str, value: Any, where: str) -> Any:
     """A TOML value as the field `name` of `cls` holds it (a list as a tuple; "a,b" as a list), or one line
     for a value of another type; the ranges are `Checked` when the options are made."""
     hint = typing.get_type_hints(cls)[name]
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     if any(typing.get_origin(k) is tuple for k in kinds):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):
@@ -172,9 +174,11 @@ def _typed(kinds, value: Any, name: str, where: str) -> Any:
     return value
 
 
-def _table(file: dict, name: str, cls, where: str, owned: set[str] = SUITE_SET | set(SUITE_CACHE_KEYS)) -> dict:
-    """The `[name]` table of the file as options of `cls`, refusing unknown keys and those the suite sets."""
-    table = file.get(name, {})
+def _table(file: dict, name: str, cls, where: str, owned: set[str] = SUITE_SET | set(SUITE_CACHE_KEYS),
+           label: str | None = None) -> dict:
+    """The `[name]` table of the file (`label`: its full name) as options of `cls`, refusing unknown keys and
+    those the suite sets."""
+    table, name = file.get(name, {}), label or name
     if not isinstance(table, dict):
         raise InputError(f"{where}: {name} must be a table ([{name}])")
     allowed = {f.name for f in cli_fields(cls)} - owned
@@ -193,7 +197,7 @@ def probe_tables(tables: dict, where: str) -> dict[str, dict]:
     unknown = sorted(set(tables) - set(PROBES))
     if unknown:
         raise InputError(f"{where}: unknown probe [probes.{unknown[0]}]; the probes are {', '.join(PROBES)}")
-    return {name: _table(tables, name, PROBE_OPTIONS[name], where, SUITE_SET) for name in tables}
+    return {name: _table(tables, name, PROBE_OPTIONS[name], where, SUITE_SET, f"probes.{name}") for name in tables}
 
 
 def datasets(opts: SuiteOptions) -> tuple[DatasetEntry, ...]:
