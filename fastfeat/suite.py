@@ -207,7 +207,8 @@ class SuiteRun:
             validation = f"{val} per class of the train rows outside the {cell.shots} shots"
         return Row(*cell.key, seed=cell.trial, top1=report["top1"], top5=report.get("top5"),
                    mean_per_class=report["mean_per_class"], seconds=time.perf_counter() - start,
-                   backbone_images=images, cache=self.relative(source), validation=validation, chosen=chosen)
+                   backbone_images=images, cache="" if cell.probe == "finetune" else self.relative(source),
+                   validation=validation, chosen=chosen)
 
     def shots_cache(self, cell: Cell, cache: Path, parent: dict) -> Path:
         """OUT/caches/shots/...: the trial's K shots per class as train, `val_shots` more as val, all of test."""

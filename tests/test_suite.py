@@ -167,3 +167,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(data, tmp_path, capsys):
                             "--dry-run", *FAST, *TINY], capsys)
     assert code == 0 and "13 cells (1 caches, 12 probe cells)" in printed
     assert "compute: 24 backbone images" in printed and not out.exists()
+
+
+def test_finetune_is_opt_in_and_runs_at_full_shots_only(data, tmp_path, capsys):
+    config = tmp_path / "ft.toml"
+    config.write_text("[probes.knn]\nk = [1]\n[probes.finetune]\nepochs = 1\nbatch_size = 8\nrecompute_bn = 8\n")
+    out = tmp_path / "out"
+    code, _, _ = run(["suite", "--archs", "resnet18", "--datasets", f"shapes={data['shapes']}", "--out", str(out),
+                      "--config", str(config), "--shots", "full,1", "--no-progress", *TINY], capsys)
+    table = rows(out)
+    assert code == 0 and [(r["probe"], r["shots"]) for r in table] == [
+        ("cache", "full"), ("knn", "full"), ("finetune", "full"), ("knn", "1")]
+    tuned = table[2]
+    assert tuned["status"] == "ok" and int(tuned["backbone_images"]) > 0 and tuned["cache"] == ""
+    assert (out / "finetune" / "shapes-resnet18-finetune-full-trial0" / "last.pt").exists()
