@@ -518,3 +518,29 @@ def split_bytes(path: str | Path, split: str, views: bool = False) -> int:
         group = f[split]
         arrays = [group["features"]] + ([group["views"]] if views and "views" in group else [])
         return sum(int(np.prod(a.shape)) * 4 for a in arrays) + 8 * len(group["labels"])
+
+
+def read_attrs(path: str | Path) -> dict:
+    """A cache's root attributes as plain values (complete or not), without reading its features."""
+    f, attrs = _open_cache(Path(path))
+    f.close()
+    return attrs
+
+
+def write_subset(data: CacheData, out: Path, splits: dict[str, tuple[str, np.ndarray]], attrs: dict) -> Path:
+    """A cache of chosen rows of the cache `data`: new split `name` holds rows `rows` of its split `source`
+    (`splits[name] = (source, rows)`), with their image paths, in the stored dtype; `attrs` are added to its
+    attributes (what the subset is). Written as any cache is: `.partial`, then renamed."""
+    dtype = str(data.attrs.get("feature_dtype", "float16"))
+    rows = {name: len(index) for name, (_, index) in splits.items()}
+    files = {name: [data.files[source][i] for i in index] for name, (source, index) in splits.items()
+             if source in data.files}
+    base = {k: v for k, v in data.attrs.items() if k not in ("complete", "created", "rows", "feature_dtype")}
+    writer = CacheWriter(out, {**base, **attrs}, rows, int(data.attrs["feature_dim"]), dtype, overwrite=True,
+                         split_files=files)
+    try:
+        for name, (source, index) in splits.items():
+            writer.write(name, 0, data.features[source][index].astype(dtype), data.labels[source][index])
+        return writer.finish()
+    finally:
+        writer.close()

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         KnnOptions,
         ModelsOptions,
         PredictOptions,
+        SuiteOptions,
     )
 
     parser = _Parser(prog="fastfeat", description=__doc__)
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "finetune", "fine-tune the whole network on augmented batches (AMP)", run_finetune, FinetuneOptions)
     _command(sub, "knn", "weighted k-nearest-neighbour accuracy on a feature cache (DINO's protocol)", run_knn,
              KnnOptions)
+    _command(sub, "suite", "many backbones x many datasets: each cached once, then heads, sweeps, kNN (and fine-tuning) "
+                           "at several shots and trials, into one results table; resumable", run_suite, SuiteOptions,
+             metrics=False)
     _command(sub, "bench", "where the time goes: loader only, model only and end to end on the same images, "
                            "the bottleneck and the efficiency", run_bench, BenchOptions, metrics=False)
     _command(sub, "predict", "classify images with a fine-tuned checkpoint or a head", run_predict, PredictOptions)
@@ -149,6 +153,19 @@ def run_finetune(args: argparse.Namespace) -> None:
     print(result.summary())
     if args.metrics:
         write_json(args.metrics, result.metrics())
+
+
+def run_suite(args: argparse.Namespace) -> None:
+    from .settings import SuiteOptions
+    from .suite import run_suite as suite
+
+    result = suite(from_args(SuiteOptions, args))
+    if result.written:
+        print(f"{result.ran} cells run, {result.skipped} finished before, in {result.seconds:.1f} s -> "
+              + ", ".join(str(p) for p in [result.out / "results.csv", *result.written]))
+    if result.failed:
+        raise FastfeatError(f"{len(result.failed)} of {result.cells} cells failed (their reasons are in "
+                            f"{result.out / 'results.csv'} and {result.out / 'summary.md'})")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -248,7 +265,8 @@ def _peer_failure(exc: Exception) -> bool:
 
 def _failure_line(command: str, exc: BaseException) -> tuple[str, int] | None:
     """The one line and exit code for a failure the user can act on; None for a bug (traceback)."""
-    resume = "" if command in ("train-head", "predict") else "; rerun with --resume to continue"
+    resume = ("" if command in ("train-head", "predict") else "; rerun the same command to continue" if command == "suite"
+              else "; rerun with --resume to continue")
     if isinstance(exc, FastfeatError):
         return f"error: {exc}", exc.exit_code
     if isinstance(exc, Terminated):

@@ -1,4 +1,5 @@
-"""`--plot DIR`: learning curves, the confusion matrix and the sweep's lr x weight-decay heatmap as PNGs.
+"""`--plot DIR`: learning curves, the confusion matrix and the sweep's lr x weight-decay heatmap as PNGs; and
+the suite's arch x dataset heatmaps and accuracy-against-shots curves.
 
 matplotlib is an optional extra (`pip install 'fastfeat[plot]'`): `require_matplotlib` is called when
 the options are checked, so a missing install is one line before any training, not after it.
@@ -107,3 +108,45 @@ def plot_run(directory: str | Path, classes: Sequence[str], history: Sequence[di
     if sweep is not None:
         written.append(sweep_heatmap(sweep, directory / "sweep.png"))
     return written
+
+
+def suite_heatmap(stats: dict, archs: Sequence[str], datasets: Sequence[str], probes: Sequence[str], shots: str,
+                  path: Path) -> Path:
+    """Mean top-1 per arch (rows) x dataset (columns), one panel per probe, at one shots setting; `stats` maps
+    (arch, dataset, probe, shots) to (mean, std, trials)."""
+    fig, axes = _figure(ncols=len(probes), figsize=(1.2 * len(datasets) * len(probes) + 2.5, 0.5 * len(archs) + 2),
+                        squeeze=False)
+    for axis, probe in zip(axes[0], probes):
+        grid = [[stats.get((a, d, probe, shots), (math.nan,))[0] for d in datasets] for a in archs]
+        image = axis.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+        axis.set_xticks(range(len(datasets)), datasets, rotation=45, ha="right")
+        axis.set_yticks(range(len(archs)), archs)
+        axis.set(title=f"{probe} ({shots} shots)")
+        for i, row in enumerate(grid):
+            for j, acc in enumerate(row):
+                axis.text(j, i, "-" if math.isnan(acc) else f"{100 * acc:.1f}", ha="center", va="center", fontsize=7,
+                          color="white")
+        fig.colorbar(image, ax=axis, label="test top-1")
+    return _save(fig, path)
+
+
+def shots_curves(stats: dict, archs: Sequence[str], datasets: Sequence[str], probes: Sequence[str],
+                 shots: Sequence[str], path: Path) -> Path:
+    """Mean top-1 (± std over trials) against the shots settings, one panel per dataset, a line per arch
+    (colour) and probe (marker)."""
+    order = sorted(shots, key=lambda s: math.inf if not s.isdigit() else int(s))
+    fig, axes = _figure(ncols=len(datasets), figsize=(4 * len(datasets), 3.5), squeeze=False)
+    markers = "osd^v<>"
+    for axis, dataset in zip(axes[0], datasets):
+        for i, arch in enumerate(archs):
+            for j, probe in enumerate(probes):
+                points = [(x, stats[arch, dataset, probe, s]) for x, s in enumerate(order)
+                          if (arch, dataset, probe, s) in stats]
+                if points:
+                    axis.errorbar([x for x, _ in points], [m for _, (m, _, _) in points], [sd for _, (_, sd, _) in points],
+                                  color=f"C{i}", marker=markers[j % len(markers)], capsize=2, label=f"{arch} {probe}")
+        axis.set_xticks(range(len(order)), order)
+        axis.set(xlabel="shots per class", ylabel="test top-1", title=dataset)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)

@@ -360,3 +360,51 @@ class InfoOptions(Checked):
 @dataclass
 class ModelsOptions(Checked):
     json: bool = option(False, "print JSON instead of a table")
+
+
+PROBES = ("head", "sweep", "knn", "finetune")  # finetune runs the backbone again: opt-in, full shots only
+SUITE_PROBES = ("head", "sweep", "knn")
+SUITE_OUT = "suite"
+SUITE_DATA_ROOT = "data"
+FULL = "full"  # --shots: the whole train split
+
+
+@dataclass
+class SuiteOptions(Checked):
+    """The suite's flags. Every value left None is taken from --config, else its default, so a flag given
+    on the command line wins over the file."""
+
+    archs: tuple[str, ...] | None = option(None, "backbones, comma-separated (see `fastfeat models`; timm:NAME too)",
+                                           group="suite")
+    datasets: tuple[str, ...] | None = option(None, "datasets, comma-separated: --dataset names read from --data-root "
+                                                    "(cifar10, pets, ...) or NAME=PATH (a folder or other local data)",
+                                              group="suite")
+    data_root: str | None = option(None, f"the folder holding the named datasets (default: {SUITE_DATA_ROOT})",
+                                   group="suite")
+    probes: tuple[str, ...] | None = option(None, "what runs on each cache, comma-separated (default: "
+                                                  f"{','.join(SUITE_PROBES)}; finetune is opt-in and runs at full shots only)",
+                                            choices=PROBES, group="suite")
+    shots: tuple[str, ...] | None = option(None, f"train rows per class, comma-separated: {FULL} (the whole train split) "
+                                                 f"or K, drawn class-balanced with each trial's seed (default: {FULL})",
+                                           group="suite")
+    trials: int | None = option(None, "trials of every shots setting: trial t draws its shots, validation rows and "
+                                      "shuffles with seed t (default: 1)", group="suite", min=1)
+    val_shots: int | None = option(None, "K-shot trials: validation rows per class, drawn from the train rows outside "
+                                         "the K shots, never from test (default: K)", group="suite", min=1)
+    out: str | None = option(None, f"the suite's folder: caches/, results.csv, summary.md, suite.toml (default: "
+                                   f"{SUITE_OUT})", group="suite")
+    config: str | None = option(None, "a TOML file holding these keys, a [cache] table (fastfeat cache's options) and "
+                                      "[probes.NAME] tables (each probe's options, such as [probes.sweep] lrs)",
+                                group="suite")
+    dry_run: bool = option(False, "print the plan (cells, caches to compute or reuse, backbone images) and stop",
+                           group="suite")
+    weights: str | None = option(None, "every backbone's weights: DEFAULT, none (random from seed 0) or FILE "
+                                       "(default: DEFAULT)", group="cache")
+    resize: int | None = option(None, "shorter side before the center crop (default: each weights' own)", group="cache",
+                                min=1)
+    image_size: int | None = option(None, "center-crop size (default: each weights' own)", group="cache", min=1)
+    loader: str | None = option(None, "decode and resize pipeline (default: auto)", choices=LOADERS, group="cache")
+    device: str | None = option(None, "auto, cpu, cuda or cuda:N, for the caches and every probe (default: auto)",
+                                group="cache")
+    limit: int | None = option(None, "at most N images per split of every dataset, class-balanced", group="cache", min=1)
+    progress: bool = option(True, "a progress bar over the cells (and the caches' own)", group="suite")

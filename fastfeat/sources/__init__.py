@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InputError
 from . import cifar, filelist, folder, hf, webdataset, zoo
 from .base import (IMAGE_SUFFIXES, SPLITS, Dataset, SourceInputs, SourceKind, Split, TarMembers, balanced_rows,
-                   checked_labels, stratified_holdout, visible)
+                   checked_labels, few_shot_rows, stratified_holdout, visible)
 from .cifar import CIFAR10, CIFAR_LAYOUTS, CifarLayout, download_cifar, read_cifar
 from .folder import FOLDER_SPLIT_DIRS, read_folder
 
@@ -36,7 +36,7 @@ DATASET_KINDS = DatasetNames(("auto", *KINDS))
 
 __all__ = ["CIFAR10", "CIFAR_LAYOUTS", "DATASET_KINDS", "FOLDER_SPLIT_DIRS", "IMAGE_SUFFIXES", "KINDS", "SPLITS",
            "CifarLayout", "Dataset", "SourceInputs", "SourceKind", "Split", "TarMembers", "balanced_rows", "checked_labels", "dataset_splits",
-           "detect_kind", "download_cifar", "open_dataset", "source_for", "read_cifar", "read_folder", "rows_sha256",
+           "detect_kind", "download_cifar", "few_shot_rows", "open_dataset", "source_for", "read_cifar", "read_folder", "rows_sha256",
            "stratified_holdout", "visible"]
 
 

@@ -173,6 +173,19 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tu
     return np.sort(by_class[~out]), np.sort(by_class[out])
 
 
+def few_shot_rows(labels: np.ndarray, shots: int, held: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(shot rows, validation rows), each sorted: `shots` rows of every class drawn with `seed`, then `held` more
+    of each from the rest, so a K-shot trial validates on rows it never trains on; a class with fewer than
+    shots + held rows is refused (it could not be drawn class-balanced)."""
+    counts = np.bincount(labels)
+    short = np.flatnonzero(counts < shots + held)
+    if len(short):
+        raise InputError(f"{shots} shots and {held} validation rows per class need {shots + held} train rows of every "
+                         f"class; class {short[0]} has {counts[short[0]]}")
+    by_class, rank = _seeded_class_order(labels, np.random.default_rng(seed))
+    return np.sort(by_class[rank < shots]), np.sort(by_class[(rank >= shots) & (rank < shots + held)])
+
+
 def _seeded_class_order(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Every row grouped by class, in a seeded order within its class, and its rank there."""
     shuffled = rng.permutation(len(labels))
