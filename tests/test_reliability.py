@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import make_cifar, run, separable, write_cache
+import torch
+from helpers import LOADERS, make_cifar, run, separable, write_cache
+from PIL import Image
 
 from fastfeat.cache_file import partial_path
+from fastfeat.loaders import center_and_decoded_batches
 from fastfeat.outputs import lock_path
+from fastfeat.sources import open_dataset
+from fastfeat.spec import Preprocess
 
 TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch",
         "--no-amp", "--no-progress"]
@@ -246,3 +253,73 @@ def test_a_plain_sigterm_does_not_mention_torchrun(monkeypatch):
     assert code == 143 and "torchrun" not in line and "--resume" in line
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "under torchrun" in _failure_line("cache", Terminated())[0]
+
+
+# ---- 16-bit PNGs ------------------------------------------------------------------------------------------
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG from (H, W) grey or (H, W, C) uint16 pixels, written by hand (zlib), not by PIL."""
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_pngs(tmp_path_factory) -> Path:
+    """A folder whose classes mix 8-bit PNGs and 16-bit grey, grey-alpha, colour and RGBA ones of one size
+    (grey values on both sides of 255, where PIL clamps)."""
+    root, rng = tmp_path_factory.mktemp("png16"), np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            level = 20_000 + 30_000 * c
+            for channels in (1, 2, 3, 4):
+                shape = (20, 24) if channels == 1 else (20, 24, channels)
+                pixels = np.clip(rng.normal(level, 15_000, shape), 0, 65535).astype(np.uint16)
+                pixels.flat[:4] = [0, 255, 256, 65535]
+                write_png16(folder / f"{channels}.png", pixels)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "8.png")
+    return root
+
+
+def pil_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_16_bit_pngs_decode_as_pil_converts_them_in_a_batch_with_8_bit_ones(wide_pngs, loader):
+    split = open_dataset(str(wide_pngs), splits=("train",)).splits["train"]
+    assert Image.open(split.files[0]).mode == "I;16"  # what PIL clamps, not scales
+    pre = Preprocess(image_size=16, resize=18)
+    (_, decoded), = center_and_decoded_batches(split, loader, pre, len(split), torch.device("cpu"))
+    assert len(decoded) == len(split.files) == 10
+    for image, path in zip(decoded, split.files):
+        assert image.dtype == torch.uint8
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pil_rgb(path), err_msg=path)
+
+
+def test_predict_takes_16_bit_pngs_as_pil_converts_them(wide_pngs, tmp_path):
+    """A head trained on the folder; predict's probabilities for each 16-bit PNG equal those for the 8-bit
+    PNG PIL converts it to, all in one batch with an 8-bit image."""
+    cache, head = tmp_path / "c.h5", tmp_path / "head.pt"
+    assert fastfeat(cache_argv(wide_pngs, cache)).returncode == 0
+    assert fastfeat(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "2", "--out", str(head)]).returncode == 0
+    wide = sorted(str(p) for p in (wide_pngs / "test").rglob("*.png"))
+    converted = []
+    for i, path in enumerate(wide):
+        converted.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(pil_rgb(path)).save(converted[-1])
+    proc = fastfeat(["predict", "--model", str(head), "--device", "cpu", "--no-amp", "--topk", "2", *wide, *converted])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    scores = [line.split(": ", 1)[1] for line in proc.stdout.splitlines()]
+    assert len(scores) == 2 * len(wide) and scores[: len(wide)] == scores[len(wide) :], proc.stdout
