@@ -144,6 +144,25 @@ def test_a_full_disk_is_one_line_and_resume_after_it_equals_one_run(data, refere
     same_cache(out, reference)
 
 
+def test_a_size_limit_reached_mid_run_is_one_line_and_resume_after_it_equals_one_run(data, reference, tmp_path):
+    """The limit drops below the file's size once the train rows are written (a disk that fills although the
+    space was allocated: copy-on-write file systems, quotas): no segmentation fault, the .partial kept."""
+    out = tmp_path / "c.h5"
+    limited = ("import resource, sys\nfrom fastfeat.cache_file import CacheWriter\nfrom fastfeat.cli import main\n"
+               "real = CacheWriter.write\n"
+               "def write(self, split, start, *a):\n"
+               " if split == 'test': resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+               " real(self, split, start, *a)\n"
+               "CacheWriter.write = write\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", limited, *cache_argv(data, out)], env=ENV, capture_output=True, text=True)
+    last_line(proc, "cache", "File too large; free space and rerun with --resume", 1)
+    assert len([line for line in proc.stderr.splitlines() if not line.startswith("fastfeat: info: ")]) == 1, proc.stderr
+    assert partial_path(out).exists() and not out.exists() and not lock_path(out).exists()
+    resumed = fastfeat(cache_argv(data, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    same_cache(out, reference)
+
+
 def test_a_write_failing_mid_run_leaves_a_resumable_partial(data, reference, tmp_path, monkeypatch, capsys):
     """A failure after rows were written keeps them: the .partial stays, and --resume finishes it."""
     from fastfeat.cache_file import CacheWriter
