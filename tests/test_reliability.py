@@ -212,6 +212,49 @@ def test_outputs_are_checked_before_the_work(reference, tmp_path, capsys, option
     assert not (tmp_path / "head.pt").exists()
 
 
+@pytest.mark.parametrize("command, option, target, match", [
+    ("cache", "--out", "dir", "is a directory"),
+    ("cache", "--out", "file/c.h5", "is a file, not a directory"),
+    ("finetune", "--checkpoint-dir", "file", "is a file, name a directory"),
+    ("finetune", "--metrics", "file/m.json", "is a file, not a directory"),
+    ("finetune", "--predictions", "file/p.csv", "is a file, not a directory"),
+    ("train-head", "--predictions", "file/p.csv", "is a file, not a directory"),
+])
+def test_every_command_checks_its_outputs_before_the_work(data, reference, tmp_path, capsys, command, option, target,
+                                                          match):
+    """One line, exit 2, and nothing written: not the cache, the head or a checkpoint, nor a lock."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    argv = {"cache": cache_argv(data, tmp_path / "c.h5", "--overwrite"),
+            "finetune": ["finetune", "--data", str(data), *TINY, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ft")],
+            "train-head": ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "1",
+                           "--out", str(tmp_path / "head.pt")]}[command]
+    code, out, err = run([*argv, option, str(tmp_path / target)], capsys)
+    assert code == 2 and len(err) == 1 and match in err[0] and out == "", (err, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_one_line(data, tmp_path):
+    """torch's serializer failing under a size limit (it raised `unexpected pos` with a traceback)."""
+    ckpt = tmp_path / "ft"
+    argv = ["finetune", "--data", str(data), *TINY, "--epochs", "1", "--batch-size", "16", "--checkpoint-dir", str(ckpt)]
+    proc = fastfeat(argv, preexec=_file_limit(1_000_000))
+    last_line(proc, "finetune", "cannot write", 1)
+    assert "File too large" in proc.stderr or "unexpected pos" in proc.stderr, proc.stderr
+    assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.tmp")) and not lock_path(ckpt).exists()
+
+
+def test_a_plot_that_cannot_be_saved_is_one_line_and_leaves_no_temporary(reference, tmp_path):
+    """The head (a few KB) fits under the limit, a plot's PNG does not."""
+    plots = tmp_path / "plots"
+    argv = ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "2", "--out", str(tmp_path / "h.pt"),
+            "--plot", str(plots)]
+    proc = fastfeat(argv, preexec=_file_limit(16_000))
+    line = last_line(proc, "train-head", f"cannot write {plots}", 1)
+    assert "File too large" in line and (tmp_path / "h.pt").exists(), line
+    assert not [p for p in plots.rglob("*") if p.suffix == ".tmp"]
+
+
 def _cache(tmp_path: Path, **change) -> Path:
     rng = np.random.default_rng(0)
     out = write_cache(tmp_path / "c.h5", {"train": separable(40, rng), "test": separable(20, rng)})
