@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import LOADERS, make_cifar, run, separable, write_cache
+from helpers import LOADERS, hold_lock, make_cifar, run, separable, write_cache
 from PIL import Image
 
 from fastfeat.cache_file import partial_path
@@ -65,15 +65,6 @@ def reference(data, tmp_path_factory) -> Path:
     proc = fastfeat(cache_argv(data, out))
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding `path`'s lock until killed."""
-    code = f"from fastfeat.outputs import OutputLock\nwith OutputLock({str(path)!r}):\n print('held', flush=True)\n" \
-           " import time; time.sleep(600)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def test_a_second_writer_fails_at_once_naming_the_holder(data, tmp_path, capsys):
