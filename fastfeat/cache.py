@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +115,27 @@ def build_cache(opts: CacheOptions, backbone: Backbone | None = None, extractor:
         warn_empty_classes(dataset)
     out = Path(opts.out) if opts.out else default_cache_path(dataset, opts.arch)
     check_output(out, "--out")
-    with OutputLock(out) if world.is_main else nullcontext():  # rank 0 writes the final file
+    with _final_lock(out, world):
         return _build_cache(opts, out, dataset, world, device, backbone, extractor)
+
+
+@contextmanager
+def _final_lock(out: Path, world: World) -> Iterator[None]:
+    """Rank 0 holds the final file's lock (ranks write their own shards); when it cannot take it, every rank
+    stops at once, before any writes a shard."""
+    lock, refusal = OutputLock(out), None
+    if world.is_main:
+        try:
+            lock.__enter__()
+        except InputError as exc:
+            refusal = exc
+    if int(all_reduce_sum(torch.tensor([int(refusal is not None)]), world).item()):
+        raise refusal or InputError(f"{out} is being written by another fastfeat run (see rank 0's error)")
+    try:
+        yield
+    finally:
+        if world.is_main:
+            lock.__exit__()
 
 
 def _build_cache(opts: CacheOptions, out: Path, dataset: Dataset, world: World, device: torch.device,

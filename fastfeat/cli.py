@@ -298,4 +298,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastfeat {args.command}: {failure[0]}", file=sys.stderr)
         return failure[1]
+    finally:  # torchrun's SIGTERM to a rank already ending (its line printed) must not raise in its shutdown
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0

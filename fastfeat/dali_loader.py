@@ -27,7 +27,7 @@ from .errors import FastfeatError, InputError
 from .runtime import loader_workers
 from .sources import Split, TarMembers
 from .sources.webdataset import dali_indexes
-from .torch_loader import find_corrupt_image
+from .torch_loader import PNG_BIT_DEPTH, PNG_COLOUR_TYPE, PNG_GREY, find_corrupt_image
 from .transforms import Augment, Preprocess, eval_transform, per_size
 
 PREFETCH = 2
@@ -74,13 +74,22 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
             source=_array_source(split.images, order, batch_size), batch=True, layout="HWC", dtype=types.UINT8
         )
         return images.gpu() if gpu else images
+    kinds = _CHECKED.get(hash(split.files))  # None for tar members: read as 8-bit (DALI rounds v / 257)
     if split.members is not None:
         encoded = read_members(split.members, order, batch_size)
     else:
-        encoded, _ = fn.readers.file(
-            files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True, name="reader"
-        )
-    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        encoded, kind = fn.readers.file(files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True,
+                                        labels=None if kinds is None else kinds[order].tolist(), name="reader")
+    decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                dtype=types.UINT8 if kinds is None else types.UINT16)
+    return decoded if kinds is None else _to_8bit(decoded, kind.gpu() if gpu else kind)
+
+
+def _to_8bit(wide, kind):
+    """16-bit decoded images as PIL's `convert("RGB")` makes them (see `torch_loader.to_8bit`): grey 16-bit
+    PNGs clamped at 255, every other image's high byte (DALI widens 8-bit images to v * 257, so that is v)."""
+    grey = kind == WIDE_GREY
+    return fn.cast(grey * dmath.min(wide, 255) + (1 - grey) * (wide // 256), dtype=types.UINT8)
 
 
 INTERP_TYPES = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -234,12 +243,27 @@ def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatE
     return FastfeatError(f"DALI pipeline failed: {str(exc).strip().splitlines()[0]}")
 
 
-_CHECKED: set[int] = set()  # hashes of the file lists whose headers parsed: each list is checked once
+# hashes of the file lists whose headers parsed (each list is checked once), with their `wide_png_kinds`
+_CHECKED: dict[int, np.ndarray | None] = {}
+WIDE_COLOUR, WIDE_GREY = 1, 2  # a file's kind for the decoder; 0: 8-bit, or not a PNG
+
+
+def wide_png_kinds(files: tuple[str, ...]) -> np.ndarray | None:
+    """Per file, whether it is a 16-bit PNG, in colour or grey (from its IHDR chunk); None when none is, the
+    common case, decoded straight to uint8. DALI decodes 16-bit PNGs to uint8 rounding v / 257, not as PIL."""
+    kinds = np.zeros(len(files), np.int32)
+    for i, path in enumerate(files):
+        if path.lower().endswith(".png"):
+            with open(path, "rb") as f:
+                header = f.read(PNG_COLOUR_TYPE + 1)
+            if len(header) > PNG_COLOUR_TYPE and header[PNG_BIT_DEPTH] == 16:
+                kinds[i] = WIDE_GREY if header[PNG_COLOUR_TYPE] == PNG_GREY else WIDE_COLOUR
+    return kinds if kinds.any() else None
 
 
 def check_headers(split: Split) -> None:
     """Refuse images whose header does not parse: DALI's CPU decoder can crash the process
-    (not raise) on some broken files, so they must not reach it."""
+    (not raise) on some broken files, so they must not reach it; note the 16-bit PNGs."""
     key = hash(split.files)
     if key in _CHECKED:
         return
@@ -249,7 +273,7 @@ def check_headers(split: Split) -> None:
         bad = find_corrupt_image(split, shown, full_decode=False)
     if bad is not None:
         raise InputError(f"corrupt image: {bad}")
-    _CHECKED.add(key)
+    _CHECKED[key] = None if split.members is not None else wide_png_kinds(split.files)
 
 
 def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: torch.device, *args, seed: int | None = None):

@@ -23,6 +23,23 @@ from .sources import Split, TarMembers
 PIL_SUFFIXES = (".ppm", ".pgm", ".pbm", ".bmp")
 
 
+PNG_BIT_DEPTH, PNG_COLOUR_TYPE, PNG_GREY = 24, 25, 0  # IHDR's bytes in a PNG file, and grey's colour type (no alpha)
+
+
+def to_8bit(image: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+    """`image` (decoded from `encoded`) as PIL's `convert("RGB")` makes it: torchvision decodes 16-bit PNGs
+    to uint16, where PIL clamps grey at 255 (its "I;16" to "RGB" conversion) and keeps colour's high byte."""
+    if image.dtype == torch.uint8:
+        return image
+    wide = image.to(torch.int32)  # torch has no arithmetic on uint16
+    grey = encoded[PNG_COLOUR_TYPE].item() == PNG_GREY
+    return (wide.clamp_(max=255) if grey else wide >> 8).to(torch.uint8)
+
+
+def decode_bytes(encoded: torch.Tensor) -> torch.Tensor:
+    return to_8bit(decode_image(encoded, mode=ImageReadMode.RGB), encoded)
+
+
 def decode_file(path: str) -> torch.Tensor | None:
     """CHW uint8 RGB image, or None when the file is not a readable image."""
     try:
@@ -31,7 +48,7 @@ def decode_file(path: str) -> torch.Tensor | None:
 
             with Image.open(path) as image:
                 return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_bytes(read_file(path))
     except (RuntimeError, OSError, ValueError):
         return None
 
@@ -39,7 +56,7 @@ def decode_file(path: str) -> torch.Tensor | None:
 def decode_member(members: TarMembers, row: int) -> torch.Tensor | None:
     """Like `decode_file`, for a tar shard's member (read at its offset)."""
     try:
-        return decode_image(torch.frombuffer(bytearray(members.read(row)), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_bytes(torch.frombuffer(bytearray(members.read(row)), dtype=torch.uint8))
     except (RuntimeError, ValueError):
         return None
 

@@ -86,6 +86,16 @@ def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     )
 
 
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding `path`'s output lock until killed."""
+    code = f"from fastfeat.outputs import OutputLock\nwith OutputLock({str(path)!r}):\n print('held', flush=True)\n" \
+           " import time; time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 # ---- tiny data -----------------------------------------------------------------------------------------
 
 

@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TINY, cache_rows, make_folder, torchrun
+from helpers import TINY, cache_rows, hold_lock, make_folder, torchrun
 
 from fastfeat.cache_file import shard_path
 from fastfeat.distributed import World, shard_range
 from fastfeat.finetune import epoch_order
 from fastfeat.model_files import read_checkpoint
+from fastfeat.outputs import lock_path
 from fastfeat.runtime import MAX_LOADER_WORKERS, loader_workers
 
 
@@ -68,6 +69,26 @@ def test_two_rank_cache_equals_one_rank_cache_and_resumes_after_a_rank_dies(tmp_
             np.testing.assert_array_equal(two[key], one[key], err_msg=key)
         else:
             np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_holds_the_final_files_lock(tmp_path):
+    """A 2-rank cache of an output another run holds fails at once on rank 0, naming the holder; the final
+    file is never written and the holder's lock stays."""
+    data = make_folder(tmp_path / "folder", per_class=2)
+    out = tmp_path / "c.h5"
+    holder = hold_lock(out)
+    try:
+        failed = torchrun("cache", "--data", str(data), *TINY, "--no-progress", "--no-amp", "--out", str(out), "--overwrite")
+        assert failed.returncode != 0 and f"(pid {holder.pid}, lock {lock_path(out)})" in failed.stderr, failed.stderr[-3000:]
+        # one line a rank, no traceback of ours (torchrun's launcher prints its own ChildFailedError)
+        assert failed.stderr.count("fastfeat cache: error: ") == 2 and "rank 0's error" in failed.stderr, failed.stderr
+        assert "fastfeat/" not in failed.stderr and "Exception ignored" not in failed.stderr, failed.stderr[-3000:]
+        assert not out.exists() and lock_path(out).read_text().strip() == str(holder.pid)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5.lock", "folder"]  # no rank wrote a shard
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.slow

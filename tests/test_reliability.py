@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import make_cifar, run, separable, write_cache
+import torch
+from helpers import LOADERS, hold_lock, make_cifar, run, separable, write_cache
+from PIL import Image
 
 from fastfeat.cache_file import partial_path
+from fastfeat.loaders import center_and_decoded_batches
 from fastfeat.outputs import lock_path
+from fastfeat.sources import open_dataset
+from fastfeat.spec import Preprocess
 
 TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch",
         "--no-amp", "--no-progress"]
@@ -58,15 +65,6 @@ def reference(data, tmp_path_factory) -> Path:
     proc = fastfeat(cache_argv(data, out))
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding `path`'s lock until killed."""
-    code = f"from fastfeat.outputs import OutputLock\nwith OutputLock({str(path)!r}):\n print('held', flush=True)\n" \
-           " import time; time.sleep(600)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def test_a_second_writer_fails_at_once_naming_the_holder(data, tmp_path, capsys):
@@ -140,6 +138,25 @@ def test_a_full_disk_is_one_line_and_resume_after_it_equals_one_run(data, refere
     same_cache(out, reference)
 
 
+def test_a_size_limit_reached_mid_run_is_one_line_and_resume_after_it_equals_one_run(data, reference, tmp_path):
+    """The limit drops below the file's size once the train rows are written (a disk that fills although the
+    space was allocated: copy-on-write file systems, quotas): no segmentation fault, the .partial kept."""
+    out = tmp_path / "c.h5"
+    limited = ("import resource, sys\nfrom fastfeat.cache_file import CacheWriter\nfrom fastfeat.cli import main\n"
+               "real = CacheWriter.write\n"
+               "def write(self, split, start, *a):\n"
+               " if split == 'test': resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+               " real(self, split, start, *a)\n"
+               "CacheWriter.write = write\nsys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", limited, *cache_argv(data, out)], env=ENV, capture_output=True, text=True)
+    last_line(proc, "cache", "File too large; free space and rerun with --resume", 1)
+    assert len([line for line in proc.stderr.splitlines() if not line.startswith("fastfeat: info: ")]) == 1, proc.stderr
+    assert partial_path(out).exists() and not out.exists() and not lock_path(out).exists()
+    resumed = fastfeat(cache_argv(data, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    same_cache(out, reference)
+
+
 def test_a_write_failing_mid_run_leaves_a_resumable_partial(data, reference, tmp_path, monkeypatch, capsys):
     """A failure after rows were written keeps them: the .partial stays, and --resume finishes it."""
     from fastfeat.cache_file import CacheWriter
@@ -188,6 +205,49 @@ def test_outputs_are_checked_before_the_work(reference, tmp_path, capsys, option
     code, out, err = run(argv, capsys)
     assert code == 2 and len(err) == 1 and match in err[0] and out == "", (err, out)
     assert not (tmp_path / "head.pt").exists()
+
+
+@pytest.mark.parametrize("command, option, target, match", [
+    ("cache", "--out", "dir", "is a directory"),
+    ("cache", "--out", "file/c.h5", "is a file, not a directory"),
+    ("finetune", "--checkpoint-dir", "file", "is a file, name a directory"),
+    ("finetune", "--metrics", "file/m.json", "is a file, not a directory"),
+    ("finetune", "--predictions", "file/p.csv", "is a file, not a directory"),
+    ("train-head", "--predictions", "file/p.csv", "is a file, not a directory"),
+])
+def test_every_command_checks_its_outputs_before_the_work(data, reference, tmp_path, capsys, command, option, target,
+                                                          match):
+    """One line, exit 2, and nothing written: not the cache, the head or a checkpoint, nor a lock."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    argv = {"cache": cache_argv(data, tmp_path / "c.h5", "--overwrite"),
+            "finetune": ["finetune", "--data", str(data), *TINY, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ft")],
+            "train-head": ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "1",
+                           "--out", str(tmp_path / "head.pt")]}[command]
+    code, out, err = run([*argv, option, str(tmp_path / target)], capsys)
+    assert code == 2 and len(err) == 1 and match in err[0] and out == "", (err, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_one_line(data, tmp_path):
+    """torch's serializer failing under a size limit (it raised `unexpected pos` with a traceback)."""
+    ckpt = tmp_path / "ft"
+    argv = ["finetune", "--data", str(data), *TINY, "--epochs", "1", "--batch-size", "16", "--checkpoint-dir", str(ckpt)]
+    proc = fastfeat(argv, preexec=_file_limit(1_000_000))
+    last_line(proc, "finetune", "cannot write", 1)
+    assert "File too large" in proc.stderr or "unexpected pos" in proc.stderr, proc.stderr
+    assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.tmp")) and not lock_path(ckpt).exists()
+
+
+def test_a_plot_that_cannot_be_saved_is_one_line_and_leaves_no_temporary(reference, tmp_path):
+    """The head (a few KB) fits under the limit, a plot's PNG does not."""
+    plots = tmp_path / "plots"
+    argv = ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "2", "--out", str(tmp_path / "h.pt"),
+            "--plot", str(plots)]
+    proc = fastfeat(argv, preexec=_file_limit(16_000))
+    line = last_line(proc, "train-head", f"cannot write {plots}", 1)
+    assert "File too large" in line and (tmp_path / "h.pt").exists(), line
+    assert not [p for p in plots.rglob("*") if p.suffix == ".tmp"]
 
 
 def _cache(tmp_path: Path, **change) -> Path:
@@ -250,3 +310,73 @@ def test_a_plain_sigterm_does_not_mention_torchrun(monkeypatch):
     assert code == 143 and "torchrun" not in line and "--resume" in line
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "under torchrun" in _failure_line("cache", Terminated())[0]
+
+
+# ---- 16-bit PNGs ------------------------------------------------------------------------------------------
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG from (H, W) grey or (H, W, C) uint16 pixels, written by hand (zlib), not by PIL."""
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_pngs(tmp_path_factory) -> Path:
+    """A folder whose classes mix 8-bit PNGs and 16-bit grey, grey-alpha, colour and RGBA ones of one size
+    (grey values on both sides of 255, where PIL clamps)."""
+    root, rng = tmp_path_factory.mktemp("png16"), np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            level = 20_000 + 30_000 * c
+            for channels in (1, 2, 3, 4):
+                shape = (20, 24) if channels == 1 else (20, 24, channels)
+                pixels = np.clip(rng.normal(level, 15_000, shape), 0, 65535).astype(np.uint16)
+                pixels.flat[:4] = [0, 255, 256, 65535]
+                write_png16(folder / f"{channels}.png", pixels)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "8.png")
+    return root
+
+
+def pil_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_16_bit_pngs_decode_as_pil_converts_them_in_a_batch_with_8_bit_ones(wide_pngs, loader):
+    split = open_dataset(str(wide_pngs), splits=("train",)).splits["train"]
+    assert Image.open(split.files[0]).mode == "I;16"  # what PIL clamps, not scales
+    pre = Preprocess(image_size=16, resize=18)
+    (_, decoded), = center_and_decoded_batches(split, loader, pre, len(split), torch.device("cpu"))
+    assert len(decoded) == len(split.files) == 10
+    for image, path in zip(decoded, split.files):
+        assert image.dtype == torch.uint8
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pil_rgb(path), err_msg=path)
+
+
+def test_predict_takes_16_bit_pngs_as_pil_converts_them(wide_pngs, tmp_path):
+    """A head trained on the folder; predict's probabilities for each 16-bit PNG equal those for the 8-bit
+    PNG PIL converts it to, all in one batch with an 8-bit image."""
+    cache, head = tmp_path / "c.h5", tmp_path / "head.pt"
+    assert fastfeat(cache_argv(wide_pngs, cache)).returncode == 0
+    assert fastfeat(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "2", "--out", str(head)]).returncode == 0
+    wide = sorted(str(p) for p in (wide_pngs / "test").rglob("*.png"))
+    converted = []
+    for i, path in enumerate(wide):
+        converted.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(pil_rgb(path)).save(converted[-1])
+    proc = fastfeat(["predict", "--model", str(head), "--device", "cpu", "--no-amp", "--topk", "2", *wide, *converted])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    scores = [line.split(": ", 1)[1] for line in proc.stdout.splitlines()]
+    assert len(scores) == 2 * len(wide) and scores[: len(wide)] == scores[len(wide) :], proc.stdout
