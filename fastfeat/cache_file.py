@@ -339,6 +339,14 @@ def _read_views(path: Path, group: h5py.Group, split: str, shape: tuple[int, int
     return views, names
 
 
+def view_names(path: str | Path) -> dict[str, list[str]]:
+    """Each split's extra views' transforms, without reading the views (splits without views left out)."""
+    f, _ = _open_cache(Path(path))
+    with f, _reading(Path(path)):
+        return {split: json.loads(group["views"].attrs.get("transforms", "[]")) for split, group in f.items()
+                if "views" in group}
+
+
 def cached_splits(path: str | Path) -> list[str]:
     """The splits a cache file holds (a folder's own val split among them)."""
     f, _ = _open_cache(Path(path))
