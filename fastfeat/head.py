@@ -20,7 +20,7 @@ from torch import nn
 
 from . import evaluation
 from .budget import StreamPlan, parse_size
-from .cache_file import BlockReader, cached_splits, read_cache, split_files, view_names
+from .cache_file import BlockReader, cached_splits, check_complete, read_cache, split_files, view_names
 from .errors import InputError
 from .evaluation import classification_report
 from .linear import LBFGS_EVALS_PER_EPOCH, evaluated, fit_head, refit_head, with_defaults
@@ -151,6 +151,7 @@ def run(opts: HeadOptions, log: Callable[[str], None], fit: Fitter) -> HeadResul
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
     device = resolve_device(opts.device)
+    check_complete(opts.cache)
     plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
     stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device,
                                    views=opts.views_policy == "sample" or opts.tta is not False)
