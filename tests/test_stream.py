@@ -161,7 +161,7 @@ def test_the_streamed_lbfgs_objective_is_the_full_batch_one(cache):
                                    {"sweep": True, "lrs": (0.05, 0.5), "weight_decays": (1e-3, 1e-1)}])
 def test_streamed_heads_match_the_in_memory_ones(cache, tmp_path, extra):
     (whole, _), (streamed, _) = heads(cache, tmp_path, **extra)
-    assert abs(whole.test["top1"] - streamed.test["top1"]) <= 0.003 and streamed.test["top1"] > 0.9
+    assert abs(whole.test["top1"] - streamed.test["top1"]) <= 0.003 and streamed.test["top1"] > 0.6  # chance: 1/3
     assert streamed.views == whole.views  # the same views read as often, the same TTA
     if "sweep" in extra:
         assert len(streamed.history) == 4 and abs(streamed.sweep["best"]["val_acc"] - whole.sweep["best"]["val_acc"]) <= 0.003
