@@ -76,7 +76,7 @@ class StreamPlan:
         """Whether the features (with a working copy beside them) exceed the budget."""
         return IN_MEMORY_COPIES * self.need > self.budget
 
-    def describe(self, passes: int) -> str:
+    def describe(self, passes: int | str) -> str:
         blocks = -(-self.rows // self.block_rows)
         return (f"streaming train from the cache: {self.need / 2**20:.0f} MiB of features over a "
                 f"{self.budget / 2**20:.0f} MiB --memory-budget, {blocks} blocks of {self.block_rows} rows, "

@@ -283,17 +283,26 @@ class CacheData:
         return json.loads(self.attrs["classes"])
 
 
-def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "test"), views: bool = False) -> CacheData:
-    """Load the `splits` (None: every split it holds) of a complete fastfeat cache (with `views`, their extra
-    views too), or fail in one line saying what is wrong with it."""
+def check_complete(path: str | Path) -> None:
+    """A one-line InputError unless `path` is a complete fastfeat cache: what a reader checks before any size
+    or split is asked of it."""
     path = Path(path)
     if not path.is_file():
         hint = f" ({partial_path(path).name} exists: finish it with fastfeat cache --resume)" if partial_path(path).exists() else ""
         raise InputError(f"cache {path} does not exist{hint}")
     f, attrs = _open_cache(path)
-    with f, _reading(path):
+    with f:
         if not attrs.get("complete"):
             raise InputError(f"{path} is an incomplete cache (finish it with fastfeat cache --resume)")
+
+
+def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "test"), views: bool = False) -> CacheData:
+    """Load the `splits` (None: every split it holds) of a complete fastfeat cache (with `views`, their extra
+    views too), or fail in one line saying what is wrong with it."""
+    path = Path(path)
+    check_complete(path)
+    f, attrs = _open_cache(path)
+    with f, _reading(path):
         features, labels, files = {}, {}, {}
         splits = tuple(f) if splits is None else splits
         for split in splits:
@@ -339,6 +348,14 @@ def _read_views(path: Path, group: h5py.Group, split: str, shape: tuple[int, int
     views = data[:]
     _check_finite(path, f"{split}/views", views)
     return views, names
+
+
+def view_names(path: str | Path) -> dict[str, list[str]]:
+    """Each split's extra views' transforms, without reading the views (splits without views left out)."""
+    f, _ = _open_cache(Path(path))
+    with f, _reading(Path(path)):
+        return {split: json.loads(group["views"].attrs.get("transforms", "[]")) for split, group in f.items()
+                if "views" in group}
 
 
 def cached_splits(path: str | Path) -> list[str]:

@@ -1,6 +1,8 @@
 """`fastfeat train-head`: the run around a linear head fitted from a feature cache, in seconds.
 
-The cache is read once into float32 tensors on the device; a validation split is set aside; one head
+The cache is read once into float32 tensors on the device (or, when the features do not fit
+`--memory-budget`, train stays in the file and is streamed in blocks: `rows.StreamedRows`, test and
+validation in memory); a validation split is set aside; one head
 (`linear.py`: sgd, adamw or lbfgs) or a batched grid of them (`sweep.py`, `--sweep`) is fitted; the test
 split is evaluated once with the final head; the head is saved and the reports written.
 """
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import evaluation
-from .cache_file import cached_splits, read_cache, split_files
+from .budget import StreamPlan, parse_size
+from .cache_file import BlockReader, cached_splits, check_complete, read_cache, split_files, view_names
 from .errors import InputError
 from .evaluation import classification_report
-from .linear import evaluated, fit_head, refit_head, with_defaults
+from .linear import LBFGS_EVALS_PER_EPOCH, evaluated, fit_head, refit_head, with_defaults
 from .model_files import LinearHead, save_head
 from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
@@ -29,7 +32,8 @@ from .settings import HeadOptions
 from .spec import FeatureSpec
 from .sweep import sweep_fit, sweep_grid
 from .validation import ValidationPlan
-from .views import HeadViews, ViewSampler, load_views
+from .rows import StreamedRows
+from .views import HeadViews, ViewChoices, ViewSampler, flip_index, load_views
 
 
 @dataclass
@@ -110,19 +114,20 @@ def train_sweep(opts: HeadOptions, log: Callable[[str], None] = print) -> HeadRe
 @dataclass
 class HeadData:
     """A run's tensors on its device: all of train, the rows that fit and those that validate (as
-    evaluation takes them), test, the cache's views and the sampler of the fit rows' views."""
+    evaluation takes them), test, the cache's views and the sampler of the fit rows' views. A streamed
+    train's `train_x` and `fit_x` are its rows in the file (their labels in memory)."""
 
     classes: list[str]
-    train_x: torch.Tensor
+    train_x: torch.Tensor | StreamedRows
     train_y: torch.Tensor
-    fit_x: torch.Tensor
+    fit_x: torch.Tensor | StreamedRows
     fit_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     views: HeadViews
-    sampler: ViewSampler | None
+    sampler: ViewSampler | ViewChoices | None
 
 
 @dataclass
@@ -146,11 +151,16 @@ def run(opts: HeadOptions, log: Callable[[str], None], fit: Fitter) -> HeadResul
     if out.resolve() == Path(opts.cache).resolve():
         raise InputError(f"--out {out} is the cache itself: choose another file")
     device = resolve_device(opts.device)
-    spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    check_complete(opts.cache)
     plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
-    fit_x, fit_y, val_x, val_y, rows = validation_split(plan, opts.cache, train_x, train_y, test_x, test_y)
-    views, sampler, val_x = with_views(opts, device, plan, rows, fit_x, val_x)
-    data = HeadData(classes, train_x, train_y, fit_x, fit_y, val_x, val_y, test_x, test_y, views, sampler)
+    stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device,
+                                   views=opts.views_policy == "sample" or opts.tta is not False)
+    if stream.streams:
+        log(stream.describe(stream_passes(opts)))
+        spec, data = streamed_data(opts, device, plan, stream)
+    else:
+        spec, data = in_memory_data(opts, device, plan)
+    classes, views, test_x, test_y = data.classes, data.views, data.test_x, data.test_y
     start = time.perf_counter()
     fitted = fit(opts, data, log)
     seconds = time.perf_counter() - start
@@ -162,6 +172,49 @@ def run(opts: HeadOptions, log: Callable[[str], None], fit: Fitter) -> HeadResul
                         views.report(fitted.sampler))
     write_reports(opts, result, model, test_in, test_y, classes)
     return result
+
+
+def in_memory_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan) -> tuple[FeatureSpec, HeadData]:
+    """Every split read whole onto the device, validation split off as `plan` says."""
+    spec, classes, (train_x, train_y, test_x, test_y) = load_features(opts.cache, device)
+    fit_x, fit_y, val_x, val_y, rows = validation_split(plan, opts.cache, train_x, train_y, test_x, test_y)
+    views, sampler, val_x = with_views(opts, device, plan, rows, fit_x, val_x)
+    return spec, HeadData(classes, train_x, train_y, fit_x, fit_y, val_x, val_y, test_x, test_y, views, sampler)
+
+
+def streamed_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan,
+                  stream: StreamPlan) -> tuple[FeatureSpec, HeadData]:
+    """Train left in the file, to be streamed in blocks (with its views); test and validation in memory. One
+    pass over train computes the fit rows' statistics and gathers the held-out rows (never trained on)."""
+    spec, classes, (test_x, test_y) = load_features(opts.cache, device, ("test",))
+    views = load_views(opts.cache, device, opts.views_policy, opts.tta, plan.kind, streamed=True)
+    flip = flip_index(view_names(opts.cache).get("train", [])) if views.tta and plan.kind == "holdout" else None
+    reader = BlockReader(opts.cache, "train", stream.block_rows, device, views=bool(views.names))
+    labels = reader.labels()
+    check_labels(opts.cache, "train", labels, classes)
+    rows = plan.split(labels)
+
+    def streamed(keep: np.ndarray | None) -> StreamedRows:
+        count = len(labels) if keep is None else len(keep)
+        return StreamedRows(reader, keep, labels, ViewChoices(count, views.names, opts.seed, device)
+                            if views.names else None)
+
+    train, fit = streamed(None), streamed(rows[0] if rows else None)
+    if rows is not None:
+        held_x, held_flips = fit.scan(rows[1], flip)
+        val_x, val_y = views.evaluation_input(held_x, held_flips), torch.from_numpy(labels[rows[1]]).to(device)
+    else:
+        val_x, val_y = own_val_split(opts.cache, device) if plan.kind == "val" else (test_x, test_y)
+        val_x = views.evaluation_input(val_x, views.flips.get(plan.kind))
+    return spec, HeadData(classes, train, train.y, fit, fit.y, val_x, val_y, test_x, test_y, views, fit.sampler)
+
+
+def stream_passes(opts: HeadOptions) -> str:
+    """How many times a streamed run reads train: a first pass (statistics, holdout), then every epoch
+    once (an L-BFGS epoch once per loss evaluation, at most LBFGS_EVALS_PER_EPOCH), and a sweep's refit again."""
+    per_epoch = LBFGS_EVALS_PER_EPOCH if opts.optimizer == "lbfgs" else 1
+    passes = (1 + opts.epochs * per_epoch) * (2 if opts.sweep and opts.refit else 1)
+    return f"{'up to ' if opts.optimizer == 'lbfgs' else ''}{passes}"
 
 
 def fit_single(opts: HeadOptions, data: HeadData, log: Callable[[str], None]) -> Fitted:
@@ -192,7 +245,8 @@ def fit_sweep(opts: HeadOptions, data: HeadData, log: Callable[[str], None]) -> 
             "refit": opts.refit, "seconds": round(sweep_seconds, 3)}
     if not opts.refit:
         return Fitted(sweep.head(best), [], chosen, data.sampler, grid)
-    sampler = data.views.sampler(data.train_x, None, opts.seed)
+    sampler = data.train_x.sampler if isinstance(data.train_x, StreamedRows) else data.views.sampler(
+        data.train_x, None, opts.seed)
     head, history = refit_head(data.train_x, data.train_y, len(data.classes), chosen, log, sampler)
     return Fitted(head, history, chosen, sampler, grid)
 
@@ -256,6 +310,8 @@ def check_options(opts: HeadOptions) -> None:
     """One-line InputErrors for values no training could use (None lr and weight decay are fine)."""
     if opts.plot:
         require_matplotlib()
+    if opts.memory_budget is not None:
+        parse_size(opts.memory_budget)
     for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
         if values and not opts.sweep:
             raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")
@@ -269,13 +325,14 @@ def check_options(opts: HeadOptions) -> None:
                              "(0 would choose it on test)")
 
 
-def load_features(path: str | Path, device: torch.device) -> tuple[FeatureSpec, list[str], list[torch.Tensor]]:
-    """A complete cache as (spec, classes, [train_x, train_y, test_x, test_y]) on `device`."""
-    cache = read_cache(path, ("train", "test"))
+def load_features(path: str | Path, device: torch.device, splits: tuple[str, ...] = ("train", "test"),
+                  ) -> tuple[FeatureSpec, list[str], list[torch.Tensor]]:
+    """A complete cache as (spec, classes, [train_x, train_y, test_x, test_y]) on `device` (of `splits`)."""
+    cache = read_cache(path, splits)
     classes = cache.classes
     for split, labels in cache.labels.items():
         check_labels(path, split, labels, classes)
-    tensors = [torch.from_numpy(a).to(device) for s in ("train", "test") for a in (cache.features[s], cache.labels[s])]
+    tensors = [torch.from_numpy(a).to(device) for s in splits for a in (cache.features[s], cache.labels[s])]
     return FeatureSpec.from_attrs(cache.attrs, str(path)), classes, tensors
 
 

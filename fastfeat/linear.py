@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from torch import nn
 from .errors import FastfeatError
 from .model_files import LinearHead
 from .reporting import epoch_line
+from .rows import StreamedRows, TrainRows, as_rows
 from .settings import DEFAULT_LR
 from .views import FlipAverage, ViewSampler
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 ADAMW_WEIGHT_DECAY = 0.5
 L2_ROWS = 100.0
 LBFGS_ITERS_PER_EPOCH = 25
+LBFGS_EVALS_PER_EPOCH = LBFGS_ITERS_PER_EPOCH * 5 // 4 + 1  # torch's max_eval, then the train evaluation
 
 
 def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
@@ -43,40 +45,38 @@ def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
                    weight_decay=weight_decay if opts.weight_decay is None else opts.weight_decay)
 
 
-def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             num_classes: int, opts: HeadOptions, log: Callable[[str], None] = print,
+def fit_head(train_x: torch.Tensor | StreamedRows, train_y: torch.Tensor, test_x: torch.Tensor,
+             test_y: torch.Tensor, num_classes: int, opts: HeadOptions, log: Callable[[str], None] = print,
              sampler: ViewSampler | None = None, tta: bool = False) -> tuple[LinearHead, list[dict]]:
-    """The training loop on tensors: returns the trained head and the per-epoch history. With a `sampler`,
-    each epoch trains on its views of the rows (standardised with the center crops' statistics); under
-    `tta`, `test_x` is (N, 2, D) center and flip pairs."""
+    """The training loop on tensors (or rows streamed from the cache): returns the trained head and the
+    per-epoch history. With a `sampler`, each epoch trains on its views of the rows (standardised with the
+    center crops' statistics); under `tta`, `test_x` is (N, 2, D) center and flip pairs."""
     opts = with_defaults(opts, len(train_y))
-    head = new_head(train_x if sampler is None else sampler.buffer, num_classes, opts.standardize)
-    history = train_epochs(head, opts, train_x, train_y, log, sampler,
-                           lambda: evaluate(evaluated(head, tta), test_x, test_y), f"lower --lr (now {opts.lr})")
+    rows = as_rows(train_x, train_y, sampler)
+    head = new_head(rows, num_classes, opts.standardize)
+    history = train_epochs(head, opts, rows, log, lambda: evaluate(evaluated(head, tta), test_x, test_y),
+                           f"lower --lr (now {opts.lr})")
     return head, history
 
 
-def refit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, opts: HeadOptions,
+def refit_head(x: torch.Tensor | StreamedRows, y: torch.Tensor, num_classes: int, opts: HeadOptions,
                log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> tuple[LinearHead, list[dict]]:
     """The single-head path (`new_head`, `train_epochs`) on x without a holdout: history holds train numbers only.
     With a `sampler`, each epoch trains on its views (see `fit_head`)."""
-    head = new_head(x if sampler is None else sampler.buffer, num_classes, opts.standardize)
-    history = train_epochs(head, opts, x, y, log, sampler, None,
-                           f"pass --no-refit, or leave lr {opts.lr} out of --lrs")
+    rows = as_rows(x, y, sampler)
+    head = new_head(rows, num_classes, opts.standardize)
+    history = train_epochs(head, opts, rows, log, None, f"pass --no-refit, or leave lr {opts.lr} out of --lrs")
     return head, history
 
 
-def train_epochs(head: LinearHead, opts: HeadOptions, x: torch.Tensor, y: torch.Tensor, log: Callable[[str], None],
-                 sampler: ViewSampler | None, validate: Callable[[], tuple[float, float]] | None,
-                 remedy: str) -> list[dict]:
-    """`opts.epochs` epochs of `head` on x (or each epoch's views of it), each followed by `validate` (loss,
-    accuracy; None: train numbers only); one line per epoch; a diverging head stops with `remedy`."""
-    x = x if sampler is None else sampler.buffer
-    run_epoch, history = epoch_runner(head, opts, x, y), []
+def train_epochs(head: LinearHead, opts: HeadOptions, rows: TrainRows, log: Callable[[str], None],
+                 validate: Callable[[], tuple[float, float]] | None, remedy: str) -> list[dict]:
+    """`opts.epochs` epochs of `head` on `rows` (each epoch's views of them), each followed by `validate`
+    (loss, accuracy; None: train numbers only); one line per epoch; a diverging head stops with `remedy`."""
+    run_epoch, history = epoch_runner(head, opts, rows), []
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
-        if sampler is not None:
-            sampler.refresh(epoch)
+        rows.start_epoch(epoch)
         train_loss, train_acc = run_epoch()
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if validate is not None:
@@ -97,20 +97,9 @@ def evaluated(head: nn.Module, tta: bool) -> nn.Module:
     return FlipAverage(head) if tta else head
 
 
-def new_head(x: torch.Tensor, num_classes: int, standardize: bool = True) -> LinearHead:
-    """A zero head on x's device, standardising with x's statistics if asked."""
-    return LinearHead(x.shape[1], num_classes, *(feature_stats(x) if standardize else (None, None))).to(x.device)
-
-
-def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std (constant features get std 1). Two passes over row blocks:
-    `torch.std(x, 0)` is much slower on a CPU."""
-    mean = x.mean(0)
-    squares = torch.zeros_like(mean)
-    for block in x.split(rows):
-        squares += (block - mean).square().sum(0)
-    std = (squares / max(len(x) - 1, 1)).sqrt()
-    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+def new_head(rows: TrainRows, num_classes: int, standardize: bool = True) -> LinearHead:
+    """A zero head on the rows' device, standardising with their statistics if asked."""
+    return LinearHead(rows.dim, num_classes, *(rows.stats() if standardize else (None, None))).to(rows.device)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -120,20 +109,29 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def epoch_runner(head: LinearHead, opts: HeadOptions, x: torch.Tensor, y: torch.Tensor) -> Callable[[], tuple[float, float]]:
+def evaluate_rows(model: nn.Module, rows: TrainRows) -> tuple[float, float]:
+    """`evaluate` over every part of `rows`, each weighted by its share of the rows."""
+    loss = accuracy = 0.0
+    for x, y in rows.passes():
+        part_loss, part_accuracy = evaluate(model, x, y)
+        loss, accuracy = loss + part_loss * (len(y) / rows.rows), accuracy + part_accuracy * (len(y) / rows.rows)
+    return loss, accuracy
+
+
+def epoch_runner(head: LinearHead, opts: HeadOptions, rows: TrainRows) -> Callable[[], tuple[float, float]]:
     """A function that trains one epoch and returns (train loss, train acc)."""
     if opts.optimizer == "lbfgs":
         lbfgs = make_lbfgs(head, opts.lr)
 
         def lbfgs_run() -> tuple[float, float]:
-            lbfgs_epoch(lbfgs, head, x, y, opts.weight_decay, opts.label_smoothing)
-            return evaluate(head, x, y)
+            lbfgs_epoch(lbfgs, head, rows, opts.weight_decay, opts.label_smoothing)
+            return evaluate_rows(head, rows)
 
         return lbfgs_run
     optimizer = make_optimizer(head, opts)
-    schedule = cosine_schedule(optimizer, opts.epochs * math.ceil(len(y) / opts.batch_size))
-    generator = torch.Generator(device=x.device).manual_seed(opts.seed)
-    return lambda: sgd_epoch(head, optimizer, schedule, x, y, opts, generator)
+    schedule = cosine_schedule(optimizer, opts.epochs * math.ceil(rows.rows / opts.batch_size))
+    generator = torch.Generator(device=rows.device).manual_seed(opts.seed)
+    return lambda: sgd_epoch(head, optimizer, schedule, rows.shuffled(opts.batch_size, generator), rows.rows, opts)
 
 
 def make_optimizer(head: LinearHead, opts: HeadOptions) -> torch.optim.Optimizer:
@@ -151,16 +149,13 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
 
 
 def sgd_epoch(head: LinearHead, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
-              x: torch.Tensor, y: torch.Tensor, opts: HeadOptions, generator: torch.Generator) -> tuple[float, float]:
-    """One shuffled pass in mini-batches; returns the mean training loss and accuracy over its batches.
-
-    Batches are gathered into one reused buffer: a fresh large tensor per batch costs page faults
-    that take longer than the whole step on a CPU."""
-    buffer = x.new_empty(min(opts.batch_size, len(x)), x.shape[1])
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for idx in torch.randperm(len(y), generator=generator, device=x.device).split(opts.batch_size):
-        inputs, target = torch.index_select(x, 0, idx, out=buffer[: len(idx)]), y[idx]
+              batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rows: int, opts: HeadOptions) -> tuple[float, float]:
+    """One shuffled pass over `rows` rows in mini-batches (`TrainRows.shuffled`); returns the mean training
+    loss and accuracy over its batches."""
+    device = head.fc.weight.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for inputs, target in batches:
         logits = head(inputs)
         loss = F.cross_entropy(logits, target, label_smoothing=opts.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +164,7 @@ def sgd_epoch(head: LinearHead, optimizer: torch.optim.Optimizer, schedule: torc
         schedule.step()
         loss_sum += loss.detach() * len(target)
         correct += (logits.argmax(1) == target).sum()
-    return loss_sum.item() / len(y), correct.item() / len(y)
+    return loss_sum.item() / rows, correct.item() / rows
 
 
 def make_lbfgs(head: LinearHead, lr: float = 1.0, max_iter: int = LBFGS_ITERS_PER_EPOCH) -> torch.optim.LBFGS:
@@ -179,14 +174,19 @@ def make_lbfgs(head: LinearHead, lr: float = 1.0, max_iter: int = LBFGS_ITERS_PE
                              tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
 
-def lbfgs_epoch(optimizer: torch.optim.LBFGS, head: LinearHead, x: torch.Tensor, y: torch.Tensor,
-                weight_decay: float, label_smoothing: float = 0.0) -> None:
-    """One full-batch L-BFGS step on mean cross-entropy + weight_decay/2 ||W||²."""
+def lbfgs_epoch(optimizer: torch.optim.LBFGS, head: LinearHead, rows: TrainRows, weight_decay: float,
+                label_smoothing: float = 0.0) -> None:
+    """One full-batch L-BFGS step on mean cross-entropy + weight_decay/2 ||W||²: the loss and gradient of
+    every part of `rows` (all of them at once in memory, block by block streamed), weighted by its share."""
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing)
-        loss = loss + 0.5 * weight_decay * head.fc.weight.square().sum()
-        loss.backward()
-        return loss
+        loss = None
+        for x, y in rows.passes():
+            part = F.cross_entropy(head(x), y, label_smoothing=label_smoothing) * (len(y) / rows.rows)
+            part.backward()
+            loss = part.detach() if loss is None else loss + part.detach()
+        penalty = 0.5 * weight_decay * head.fc.weight.square().sum()
+        penalty.backward()
+        return loss + penalty.detach()
 
     optimizer.step(closure)

@@ -229,6 +229,7 @@ class HeadOptions(Checked):
                                            "probability", group="output")
     plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
                                     "into this folder (needs the plot extra: matplotlib)", group="output")
+    memory_budget: str | None = option(None, BUDGET_HELP)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import FastfeatError
-from .linear import feature_stats
 from .model_files import LinearHead
+from .rows import StreamedRows, as_rows
 from .settings import SWEEP_L2_ROWS, SWEEP_LRS
 from .views import ViewSampler, flip_average
 
@@ -79,7 +79,7 @@ def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: i
     return out
 
 
-def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+def sweep_fit(x: torch.Tensor | StreamedRows, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
               lrs: tuple[float, ...], weight_decays: tuple[float, ...], opts: HeadOptions,
               log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> SweepHeads:
     """Train len(lrs) x len(weight_decays) sgd heads at once, as `sgd_epoch` trains one: features
@@ -87,15 +87,15 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     cross-entropy (label smoothing too) with a hand-written gradient, L2 on the weight only, nesterov
     momentum 0.9 and the per-step cosine decay, each head with its own lr and weight decay. A head whose
     loss or weights stop being finite is frozen at zero and reported as diverged. With a `sampler`, each
-    epoch trains on its views (see `fit_head`); (N, 2, D) `val_x` are center and flip pairs (TTA)."""
-    x = x if sampler is None else sampler.buffer
-    device, dim, k = x.device, x.shape[1], num_classes
+    epoch trains on its views (see `fit_head`); (N, 2, D) `val_x` are center and flip pairs (TTA). Each
+    batch is standardised as it arrives, so streamed rows (each block read once an epoch) feed every head."""
+    train = as_rows(x, y, sampler)
+    device, dim, k = train.device, train.dim, num_classes
     heads = len(lrs) * len(weight_decays)
     if opts.standardize:
-        mean, std = feature_stats(x)
+        mean, std = train.stats()
     else:
         mean, std = torch.zeros(dim, device=device), torch.ones(dim, device=device)
-    z = standardized(x, mean, std)
     lr = torch.tensor([a for a in lrs for _ in weight_decays], dtype=torch.float32, device=device)
     wd = torch.tensor([b for _ in lrs for b in weight_decays], dtype=torch.float32, device=device).view(1, heads, 1)
     weight = torch.zeros(dim, heads, k, device=device)  # (D, H, K): one GEMM for every head's logits
@@ -104,22 +104,20 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     weight_grad = torch.empty_like(weight)
     flat_weight, flat_bias, flat_grad = weight.view(dim, heads * k), bias.view(heads * k), weight_grad.view(dim, heads * k)
     live = torch.ones(heads, dtype=torch.bool, device=device)
-    batch = min(opts.batch_size, len(y))
-    buffer = z.new_empty(batch, dim)
+    buffer = torch.empty(min(opts.batch_size, train.rows), dim, device=device)
     eye = torch.eye(k, device=device)
     smoothing = opts.label_smoothing
-    total_steps, step = opts.epochs * math.ceil(len(y) / opts.batch_size), 0
+    total_steps, step = opts.epochs * math.ceil(train.rows / opts.batch_size), 0
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     loss_sum = torch.zeros(heads, device=device)
     for epoch in range(opts.epochs):
         epoch_start = time.perf_counter()
         loss_sum.zero_()
-        if sampler is not None:
-            standardized(sampler.refresh(epoch), mean, std, out=z)
-        for idx in torch.randperm(len(y), generator=generator, device=device).split(opts.batch_size):
-            n = len(idx)
-            inputs = torch.index_select(z, 0, idx, out=buffer[:n])
-            target = eye[y[idx]]
+        train.start_epoch(epoch)
+        for rows, labels in train.shuffled(opts.batch_size, generator):
+            n = len(labels)
+            inputs = standardized(rows, mean, std, out=buffer[:n])
+            target = eye[labels]
             if smoothing:
                 target = target * (1 - smoothing) + smoothing / k
             logits = torch.addmm(flat_bias, inputs, flat_weight).view(n, heads, k)
@@ -146,7 +144,7 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
                 tensor[:, diverged] = 0.0
             for tensor in (bias, bias_buf):
                 tensor[diverged] = 0.0
-        losses = (loss_sum / len(y))[live]
+        losses = (loss_sum / train.rows)[live]
         log(f"Sweep epoch {epoch}. {int(live.sum())} of {heads} heads, train loss {losses.min().item() if len(losses) else float('nan'):f} "
             f"(best) to {losses.max().item() if len(losses) else float('nan'):f}, {time.perf_counter() - epoch_start:.2f} s")
     with torch.no_grad():
@@ -156,7 +154,7 @@ def sweep_fit(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
             correct += (logits.argmax(-1) == labels.unsqueeze(1)).sum(0)
     alive = live.tolist()
     val_acc = [acc if ok else None for acc, ok in zip((correct / len(val_y)).tolist(), alive)]
-    train_loss = [loss if ok else None for loss, ok in zip((loss_sum / len(y)).tolist(), alive)]
+    train_loss = [loss if ok else None for loss, ok in zip((loss_sum / train.rows).tolist(), alive)]
     return SweepHeads(tuple(lrs), tuple(weight_decays), weight, bias, mean, std, val_acc, train_loss)
 
 

@@ -98,40 +98,52 @@ def batch_generator(seed: int, split: str, first_row: int, device: torch.device)
 # ---- using cached views: train-head's sampling and the test-time flip ------------------------------------
 
 
-class ViewSampler:
-    """Each epoch, one view per row: the center or one of the row's extra views. Views are drawn in cycles
-    of (1 + V) epochs, each cycle a seeded random permutation per row, so over a cycle every row reads every
-    view exactly once. `buffer` (float32, the center at first) holds the epoch's rows after `refresh`.
-    The center and the views stay in the cache's dtype (float16 by default) on the device, as one
-    (N * (1 + V), D) table: an epoch is one row gather from it and one conversion into `buffer`."""
+class ViewChoices:
+    """Which view each of `rows` rows reads each epoch: the center or one of its extra views `names`. Views
+    are drawn in cycles of (1 + V) epochs, each cycle a seeded random permutation per row, so over a cycle
+    every row reads every view exactly once. A streamed train asks only this; `ViewSampler` also gathers."""
 
-    def __init__(self, center: torch.Tensor, views: torch.Tensor, names: list[str], seed: int):
-        n, v, dim = views.shape
-        self.names = ["center", *names]
-        self.table = torch.cat([center.to(views.dtype)[:, None], views], 1).view(n * (v + 1), dim)
-        self.buffer, self.gathered = center.clone(), views.new_empty(n, dim)
-        self.generator = torch.Generator(center.device).manual_seed(seed)
+    def __init__(self, rows: int, names: list[str], seed: int, device: torch.device):
+        self.rows, self.device, self.names = rows, device, ["center", *names]
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.rows_read = torch.zeros(len(self.names), dtype=torch.long)
         self.cycle, self.order = -1, torch.empty(0)
 
     def choices(self, epoch: int) -> torch.Tensor:
         """(N,) the view each row reads in `epoch` (epochs in order): 0 the center, v > 0 extra view v - 1."""
-        n, views = len(self.buffer), len(self.names)
+        views = len(self.names)
         if epoch // views != self.cycle:
             self.cycle = epoch // views
-            self.order = torch.rand(n, views, generator=self.generator, device=self.buffer.device).argsort(1)
+            self.order = torch.rand(self.rows, views, generator=self.generator, device=self.device).argsort(1)
         return self.order[:, epoch % views]
 
-    def refresh(self, epoch: int) -> torch.Tensor:
-        """Fill `buffer` with `epoch`'s view of every row and return it."""
+    def read(self, epoch: int) -> torch.Tensor:
+        """`choices(epoch)`, counted as read (once an epoch, however many passes it makes)."""
         choice = self.choices(epoch)
-        rows = torch.arange(len(choice), device=choice.device) * len(self.names) + choice
-        self.buffer.copy_(torch.index_select(self.table, 0, rows, out=self.gathered))
         self.rows_read += torch.bincount(choice, minlength=len(self.names)).cpu()
-        return self.buffer
+        return choice
 
     def report(self) -> dict:
         return {"names": self.names, "rows_read": self.rows_read.tolist()}
+
+
+class ViewSampler(ViewChoices):
+    """`ViewChoices` over rows in memory: `buffer` (float32, the center at first) holds the epoch's rows
+    after `refresh`. The center and the views stay in the cache's dtype (float16 by default) on the device,
+    as one (N * (1 + V), D) table: an epoch is one row gather from it and one conversion into `buffer`."""
+
+    def __init__(self, center: torch.Tensor, views: torch.Tensor, names: list[str], seed: int):
+        n, v, dim = views.shape
+        super().__init__(n, names, seed, center.device)
+        self.table = torch.cat([center.to(views.dtype)[:, None], views], 1).view(n * (v + 1), dim)
+        self.buffer, self.gathered = center.clone(), views.new_empty(n, dim)
+
+    def refresh(self, epoch: int) -> torch.Tensor:
+        """Fill `buffer` with `epoch`'s view of every row and return it."""
+        choice = self.read(epoch)
+        rows = torch.arange(len(choice), device=choice.device) * len(self.names) + choice
+        self.buffer.copy_(torch.index_select(self.table, 0, rows, out=self.gathered))
+        return self.buffer
 
 
 class FlipAverage(nn.Module):
@@ -195,19 +207,24 @@ class HeadViews:
                 "tta": FLIP if self.tta else "none"}
 
 
-def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, validation: str) -> HeadViews:
+def load_views(cache: str, device: torch.device, policy: str, tta: bool | None, validation: str,
+               streamed: bool = False) -> HeadViews:
     """The views of `cache` that train-head (and knn, center-only) will use: TTA needs the test split's flips
-    and those of the split validated on (`validation`: "holdout" = rows of train, "val" or "test")."""
+    and those of the split validated on (`validation`: "holdout" = rows of train, "val" or "test"). A
+    `streamed` train's views stay in the file (only their names are read): its blocks bring them."""
     if policy not in VIEW_POLICIES:
         raise InputError(f"unknown --views-policy {policy!r}: choose {', '.join(VIEW_POLICIES)}")
     if policy == "center-only" and tta is False:  # nothing to read
         return HeadViews(None, [], policy, False, {})
-    from .cache_file import read_views
+    from .cache_file import read_views, view_names
 
-    found = {split: (torch.from_numpy(views).to(device), names)
-             for split, (views, names) in read_views(cache, ("train", "val", "test")).items()}
-    flips = {split: views[:, flip_index(names)] for split, (views, names) in found.items() if FLIP in names}
+    names = view_names(cache)
+    found = {split: (torch.from_numpy(views).to(device), split_names) for split, (views, split_names)
+             in read_views(cache, ("val", "test") if streamed else ("train", "val", "test")).items()}
+    flips = {split: views[:, flip_index(split_names)] for split, (views, split_names) in found.items()
+             if FLIP in split_names}
     validated = "train" if validation == "holdout" else validation
-    use_tta = resolve_tta(tta, "test" in flips and validated in flips, cache)
-    train, names = found.get("train", (None, [])) if policy == "sample" else (None, [])
-    return HeadViews(train, names, policy, use_tta, flips)
+    use_tta = resolve_tta(tta, FLIP in names.get("test", []) and FLIP in names.get(validated, []), cache)
+    sampled = policy == "sample"
+    return HeadViews(found["train"][0] if sampled and "train" in found else None,
+                     names.get("train", []) if sampled else [], policy, use_tta, flips)

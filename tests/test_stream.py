@@ -1,5 +1,6 @@
 """Features bigger than memory: the block reader (contiguous blocks, every row once, any block order),
---memory-budget parsing and its one-line refusals, and the streamed kNN against the in-memory one."""
+--memory-budget parsing and its one-line refusals, the streamed kNN and train-head (every optimizer, the
+sweep, views, TTA) against the in-memory ones, and what a streamed epoch reads."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,15 @@ import pytest
 import torch
 from helpers import run, separable, write_cache
 
+import fastfeat.linear as linear_module
 from fastfeat.budget import StreamPlan, parse_size
 from fastfeat.cache_file import BlockReader
 from fastfeat.errors import InputError
+from fastfeat.head import HeadOptions, train_head
 from fastfeat.knn import KnnOptions, knn_evaluate
+from fastfeat.model_files import load_head
+from fastfeat.rows import StreamedRows
+from fastfeat.validation import ValidationPlan
 
 TINY = "40KB"  # a 20th of the train features below: every command streams
 
@@ -34,9 +40,10 @@ def test_parse_size():
             parse_size(bad)
 
 
+@pytest.mark.parametrize("command", ["knn", "train-head"])
 @pytest.mark.parametrize("budget", ["0", "-1GB", "lots"])
-def test_bad_budget_is_one_line(cache, capsys, budget):
-    code, _, err = run(["knn", "--cache", str(cache), "--device", "cpu", f"--memory-budget={budget}"], capsys)
+def test_bad_budget_is_one_line(cache, capsys, budget, command):
+    code, _, err = run([command, "--cache", str(cache), "--device", "cpu", f"--memory-budget={budget}"], capsys)
     assert code == 2 and len(err) == 1 and "--memory-budget must be a positive size" in err[0], err
 
 
@@ -80,3 +87,124 @@ def test_info_shows_split_bytes(cache, capsys):
     code, out, _ = run(["info", str(cache), "--json"], capsys)
     splits = json.loads(out)["splits"]
     assert code == 0 and splits["train"]["bytes"] == 400 * 512 * 2 * 2 + 400 * 8  # features, flips, labels
+
+
+HEAD_BUDGET = "1MB"  # under the 2 MB of train and test features: blocks of tens of rows, a few per epoch
+
+
+def heads(cache, tmp_path, **extra):
+    """The in-memory run (a budget that holds everything: no line, the default path) and the streamed one."""
+    results, lines = [], []
+    for budget in ("1GB", HEAD_BUDGET):
+        opts = HeadOptions(cache=str(cache), out=str(tmp_path / f"{budget}.pt"), device="cpu", epochs=4,
+                           memory_budget=budget, **extra)
+        results.append((train_head(opts, log=lines.append), load_head(tmp_path / f"{budget}.pt")[0]))
+        if budget == "1GB":
+            assert not any(line.startswith("streaming") for line in lines)
+    streaming = [line for line in lines if line.startswith("streaming train")]
+    assert len(streaming) == 1 and "blocks of" in streaming[0] and "passes" in streaming[0], streaming
+    return results
+
+
+def test_a_budget_that_holds_everything_changes_nothing(cache, tmp_path):
+    default = train_head(HeadOptions(cache=str(cache), out=str(tmp_path / "d.pt"), device="cpu", epochs=4),
+                         log=lambda line: None)
+    (whole, head), _ = heads(cache, tmp_path)
+    strip = lambda history: [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]  # noqa: E731
+    assert strip(whole.history) == strip(default.history) and whole.test == default.test
+    assert torch.equal(head.fc.weight, load_head(tmp_path / "d.pt")[0].fc.weight)
+
+
+def test_streamed_lbfgs_is_the_full_batch_fit(cache, tmp_path):
+    (whole, whole_head), (streamed, streamed_head) = heads(cache, tmp_path, optimizer="lbfgs")
+    torch.testing.assert_close(streamed_head.mean, whole_head.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed_head.fc.weight, whole_head.fc.weight, rtol=1e-3, atol=1e-4)
+    for a, b in zip(whole.history, streamed.history):  # line searches amplify rounding a little, epoch by epoch
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * a["train_loss"], (a, b)
+    assert abs(whole.test["loss"] - streamed.test["loss"]) < 1e-4 and whole.test["top1"] == streamed.test["top1"]
+
+
+def test_the_streamed_lbfgs_objective_is_the_full_batch_one(cache):
+    """One closure call of `lbfgs_epoch` at a fixed head: the loss and gradient over blocks against the
+    whole-batch ones (and an independent float64 computation)."""
+    from fastfeat.model_files import LinearHead
+    from fastfeat.rows import TensorRows
+
+    reader = BlockReader(cache, "train", 48)
+    labels = reader.labels()
+    x = torch.cat([block.features for block in reader.blocks()])
+    head = LinearHead(512, 3, x.mean(0), x.std(0) + 1)
+    torch.nn.init.normal_(head.fc.weight, std=0.1)
+
+    class Once:  # an optimizer that evaluates the closure once
+        def zero_grad(self):
+            head.zero_grad()
+
+        def step(self, closure):
+            self.loss = closure().item()
+            self.grad = head.fc.weight.grad.clone()
+
+    found = []
+    for rows in (TensorRows(x, torch.from_numpy(labels)), StreamedRows(reader, None, labels)):
+        once = Once()
+        linear_module.lbfgs_epoch(once, head, rows, weight_decay=0.01)
+        found.append((once.loss, once.grad))
+    (whole_loss, whole_grad), (streamed_loss, streamed_grad) = found
+    logits = head.double()(x.double())
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)) + 0.005 * head.fc.weight.square().sum()
+    assert abs(streamed_loss - whole_loss) <= 1e-6 * whole_loss and abs(streamed_loss - expected.item()) <= 1e-5
+    torch.testing.assert_close(streamed_grad.double(), whole_grad.double(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [{"optimizer": "sgd"}, {"optimizer": "adamw"}, {"tta": False},
+                                   {"views_policy": "center-only"},
+                                   {"sweep": True, "lrs": (0.05, 0.5), "weight_decays": (1e-3, 1e-1)}])
+def test_streamed_heads_match_the_in_memory_ones(cache, tmp_path, extra):
+    (whole, _), (streamed, _) = heads(cache, tmp_path, **extra)
+    assert abs(whole.test["top1"] - streamed.test["top1"]) <= 0.003 and streamed.test["top1"] > 0.6  # chance: 1/3
+    assert streamed.views == whole.views  # the same views read as often, the same TTA
+    if "sweep" in extra:
+        assert len(streamed.history) == 4 and abs(streamed.sweep["best"]["val_acc"] - whole.sweep["best"]["val_acc"]) <= 0.003
+    else:
+        assert abs(whole.best_valid_acc - streamed.best_valid_acc) <= 0.003 and len(streamed.history) == 4
+
+
+@pytest.fixture
+def numbered(tmp_path):
+    """A cache whose last feature is each train row's number (exact in float16)."""
+    rng = np.random.default_rng(1)
+    (x, y), test = separable(400, rng), separable(100, rng)
+    x[:, -1] = np.arange(400)
+    return write_cache(tmp_path / "n.h5", {"train": (x, y), "test": test}), y
+
+
+@pytest.mark.parametrize("extra", [{}, {"sweep": True, "lrs": (0.1,), "weight_decays": (1e-2,), "refit": False}])
+def test_a_streamed_epoch_reads_every_fit_row_once_and_no_held_out_row(numbered, tmp_path, monkeypatch, extra):
+    cache, y = numbered
+    epochs, validated, real_shuffled, real_evaluate = [], [], StreamedRows.shuffled, linear_module.evaluate
+
+    def recorded(self, batch_size, generator):
+        batches = []
+        epochs.append(batches)
+        for x, labels in real_shuffled(self, batch_size, generator):
+            batches.append(x[:, -1].long().tolist())
+            yield x, labels
+
+    monkeypatch.setattr(StreamedRows, "shuffled", recorded)
+    monkeypatch.setattr(linear_module, "evaluate",
+                        lambda m, x, labels: validated.append(x[:, -1].long().tolist()) or real_evaluate(m, x, labels))
+    result = train_head(HeadOptions(cache=str(cache), out=str(tmp_path / "h.pt"), device="cpu", epochs=3,
+                                    batch_size=64, memory_budget="300KB", val_fraction=0.25, **extra),
+                        log=lambda line: None)
+    held = set(ValidationPlan(fraction=0.25, seed=0).split(y)[1].tolist())
+    assert 0 < len(held) < 400 and result.validation == "holdout"
+    fit = sorted(set(range(400)) - held)
+    assert len(epochs) == 3
+    for batches in epochs:
+        rows = [row for batch in batches for row in batch]
+        assert sorted(rows) == fit  # every fit row exactly once, no held-out row
+        assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1) and len(batches) == -(-len(fit) // 64)
+        assert rows != fit  # shuffled, not in file order
+    assert epochs[0] != epochs[1]
+    if not extra:  # the single head validates every epoch on the held-out rows, and only them
+        assert validated and all(sorted(rows) == sorted(held) for rows in validated[:3])

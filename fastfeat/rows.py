@@ -1,0 +1,197 @@
+"""The train rows a head fits on, in memory (`TensorRows`) or streamed from the cache (`StreamedRows`):
+one interface, so `linear.py` and `sweep.py` run the same training code on both.
+
+- `shuffled(batch_size, generator)`: one epoch's mini-batches. In memory, a `torch.randperm` of the rows;
+  streamed, a two-level shuffle: a seeded permutation of the file's blocks, then one of the rows inside
+  each block, the batches carried across block boundaries, so every row is read once per epoch in batches
+  of the in-memory size (docs/design.md says how this differs from a full shuffle).
+- `passes()`: every row once, in file order, as (x, y) parts (full-batch L-BFGS, train evaluation).
+- `stats()`: the per-feature mean and std the head standardises with (of the center crops).
+- `start_epoch(epoch)`: the epoch's views of the rows (`views.ViewChoices`), when there are views.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .cache_file import Block, BlockReader
+    from .views import ViewChoices, ViewSampler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (constant features get std 1). Two passes over row blocks:
+    `torch.std(x, 0)` is much slower on a CPU."""
+    mean = x.mean(0)
+    squares = torch.zeros_like(mean)
+    for block in x.split(rows):
+        squares += (block - mean).square().sum(0)
+    return mean, safe_std((squares / max(len(x) - 1, 1)).sqrt())
+
+
+def safe_std(std: torch.Tensor) -> torch.Tensor:
+    """`std` with (nearly) constant features' std set to 1, so standardising them divides by nothing small."""
+    return torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+class TensorRows:
+    """Rows in memory: `x` (N, D) float32 and `y` (N,), or with a `sampler` each epoch's views of them (its
+    buffer). A batch of `shuffled` is valid until the next one is drawn (one reused buffer: a fresh large
+    tensor per batch costs page faults that take longer than the whole step on a CPU)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sampler: ViewSampler | None = None):
+        self.x, self.y, self.sampler = x, y, sampler
+        self.rows, self.dim, self.device = len(y), x.shape[1], x.device
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.x if self.sampler is None else self.sampler.buffer
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.refresh(epoch)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        x = self.features
+        buffer = x.new_empty(min(batch_size, len(x)), x.shape[1])
+        for idx in torch.randperm(len(self.y), generator=generator, device=x.device).split(batch_size):
+            yield torch.index_select(x, 0, idx, out=buffer[: len(idx)]), self.y[idx]
+
+    def passes(self) -> Iterator[Batch]:
+        yield self.features, self.y
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return feature_stats(self.features)
+
+
+class StreamedRows:
+    """The rows `keep` (sorted file rows; None: all) of a cache split, read block by block by `reader`; `y`
+    their labels (8 bytes a row, kept in memory), `sampler` the views each epoch reads (the reader must then
+    read views). Statistics come from one pass over the file (`scan`), which also gathers held-out rows."""
+
+    def __init__(self, reader: BlockReader, keep: np.ndarray | None, labels: np.ndarray,
+                 sampler: ViewChoices | None = None):
+        mask = np.ones(reader.rows, dtype=bool)
+        if keep is not None:
+            mask[:] = False
+            mask[keep] = True
+        self.reader, self.sampler, self.device, self.dim = reader, sampler, reader.device, reader.dim
+        self.mask = torch.from_numpy(mask).to(self.device)
+        self.position = torch.from_numpy(np.cumsum(mask) - 1).to(self.device)  # a file row's place among the kept
+        self.y = torch.from_numpy(labels[mask]).to(self.device)
+        self.rows = len(self.y)
+        self.choice: torch.Tensor | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.choice = None if self.sampler is None else self.sampler.read(epoch)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        starts = self.reader.starts
+        order = torch.randperm(len(starts), generator=generator, device=generator.device).tolist()
+
+        def parts() -> Iterator[Batch]:
+            for block in self.reader.blocks([starts[i] for i in order]):
+                local = self._kept(block)
+                local = local[torch.randperm(len(local), generator=generator, device=generator.device)]
+                yield self._rows(block, local), block.labels[local]
+
+        return batched(parts(), batch_size)
+
+    def passes(self) -> Iterator[Batch]:
+        for block in self.reader.blocks():
+            local = self._kept(block)
+            if len(local):  # a block of held-out rows only adds nothing (an empty mean would be nan)
+                yield self._rows(block, local), block.labels[local]
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            self.scan(None, None)
+        return self._stats
+
+    def scan(self, held: np.ndarray | None, flip: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One pass in file order: the kept rows' center statistics (`stats`), and the features (and, with a
+        `flip` view index, flips) of the `held` file rows, which are never among the kept ones."""
+        from .cache_file import BlockReader
+
+        reader = self.reader if flip is None else BlockReader(self.reader.path, self.reader.split,
+                                                              self.reader.block_rows, self.device, views=True)
+        held_t = None if held is None else torch.from_numpy(held).to(self.device)
+        stats, features, flips = RunningStats(self.dim, self.device), [], []
+        for block in reader.blocks():
+            stats.add(block.features[self._kept(block)])
+            if held_t is not None:
+                local = held_t[(held_t >= block.start) & (held_t < block.start + len(block.labels))] - block.start
+                features.append(block.features[local])
+                if flip is not None:
+                    flips.append(block.views[local, flip])
+        self._stats = stats.result()
+        return (torch.cat(features) if held_t is not None else None), (torch.cat(flips) if flips else None)
+
+    def _kept(self, block: Block) -> torch.Tensor:
+        return self.mask[block.start:block.start + len(block.labels)].nonzero().squeeze(1)
+
+    def _rows(self, block: Block, local: torch.Tensor) -> torch.Tensor:
+        """The block's rows `local` as this epoch reads them: the center crop, or each row's chosen view."""
+        if self.choice is None:
+            return block.features[local]
+        choice = self.choice[self.position[block.start + local]]
+        table = torch.cat([block.features[local, None], block.views[local]], 1)
+        return table[torch.arange(len(local), device=local.device), choice]
+
+
+TrainRows = Union[TensorRows, StreamedRows]
+
+
+def as_rows(x: torch.Tensor | StreamedRows, y: torch.Tensor, sampler: ViewSampler | ViewChoices | None) -> TrainRows:
+    """The rows a fitter trains on: tensors (with their `sampler`) in memory, or streamed rows as they are
+    (they carry their own sampler)."""
+    return x if isinstance(x, StreamedRows) else TensorRows(x, y, sampler)
+
+
+def batched(parts: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """Batches of `size` rows from consecutive (x, y) parts, carried across the parts' boundaries (only the
+    last batch may be short): the in-memory path's batch sizes and step count."""
+    left: Batch | None = None
+    for x, y in parts:
+        if left is not None:
+            need = size - len(left[1])
+            left = torch.cat([left[0], x[:need]]), torch.cat([left[1], y[:need]])
+            x, y = x[need:], y[need:]
+            if len(left[1]) < size:
+                continue
+            yield left
+        full = len(y) // size * size
+        if full:  # (splitting nothing gives one empty part)
+            yield from zip(x[:full].split(size), y[:full].split(size))
+        left = (x[full:], y[full:]) if full < len(y) else None
+    if left is not None and len(left[1]):
+        yield left
+
+
+class RunningStats:
+    """Per-feature mean and std over row blocks in one pass (Chan et al.'s merge of block means and squared
+    deviations, in float64): the streamed `feature_stats`."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.count, self.mean = 0, torch.zeros(dim, dtype=torch.float64, device=device)
+        self.squares = torch.zeros_like(self.mean)
+
+    def add(self, x: torch.Tensor) -> None:
+        if len(x) == 0:
+            return
+        x = x.double()
+        mean = x.mean(0)
+        delta, total = mean - self.mean, self.count + len(x)
+        self.squares += (x - mean).square().sum(0) + delta.square() * (self.count * len(x) / total)
+        self.mean += delta * (len(x) / total)
+        self.count = total
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        std = (self.squares / max(self.count - 1, 1)).sqrt()
+        return self.mean.float(), safe_std(std.float())
