@@ -96,8 +96,8 @@ def heads(cache, tmp_path, **extra):
     """The in-memory run (a budget that holds everything: no line, the default path) and the streamed one."""
     results, lines = [], []
     for budget in ("1GB", HEAD_BUDGET):
-        opts = HeadOptions(cache=str(cache), out=str(tmp_path / f"{budget}.pt"), device="cpu", epochs=4,
-                           memory_budget=budget, **extra)
+        opts = HeadOptions(cache=str(cache), out=str(tmp_path / f"{budget}.pt"), device="cpu", memory_budget=budget,
+                           **{"epochs": 4, **extra})
         results.append((train_head(opts, log=lines.append), load_head(tmp_path / f"{budget}.pt")[0]))
         if budget == "1GB":
             assert not any(line.startswith("streaming") for line in lines)
@@ -116,12 +116,20 @@ def test_a_budget_that_holds_everything_changes_nothing(cache, tmp_path):
 
 
 def test_streamed_lbfgs_is_the_full_batch_fit(cache, tmp_path):
-    (whole, whole_head), (streamed, streamed_head) = heads(cache, tmp_path, optimizer="lbfgs")
+    """On the center crops the objective is fixed: the streamed fit is the in-memory one. With a view drawn
+    per row each epoch it changes every epoch and L-BFGS's line searches amplify rounding, so there the
+    losses and the test result are compared."""
+    (tmp_path / "center").mkdir()
+    (whole, whole_head), (streamed, streamed_head) = heads(cache, tmp_path / "center", optimizer="lbfgs",
+                                                           views_policy="center-only")
     torch.testing.assert_close(streamed_head.mean, whole_head.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(streamed_head.fc.weight, whole_head.fc.weight, rtol=1e-3, atol=1e-4)
-    for a, b in zip(whole.history, streamed.history):  # line searches amplify rounding a little, epoch by epoch
+    for a, b in zip(whole.history, streamed.history):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * a["train_loss"], (a, b)
     assert abs(whole.test["loss"] - streamed.test["loss"]) < 1e-4 and whole.test["top1"] == streamed.test["top1"]
+    whole, streamed = (result for result, _ in heads(cache, tmp_path, optimizer="lbfgs"))
+    assert abs(whole.test["loss"] - streamed.test["loss"]) < 0.05 * whole.test["loss"], (whole.test, streamed.test)
+    assert whole.test["top1"] == streamed.test["top1"]
 
 
 def test_the_streamed_lbfgs_objective_is_the_full_batch_one(cache):
