@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,13 @@ from .head import train_head, validation_plan
 from .knn import knn_evaluate
 from .outputs import OutputLock, check_output
 from .reporting import atomic_write, progress
-from .settings import CacheOptions, SuiteOptions
+from .settings import CacheOptions, FinetuneOptions, SuiteOptions
 from .sources import few_shot_rows, open_dataset
 from .spec import FeatureSpec, plain
 from .suite_config import DatasetEntry, SuiteConfig, changed_settings, read_toml, resolve, to_toml
 from .suite_report import CACHE, FAILED, NO_CACHE, ResultsTable, Row, shots_label, write_summary
 
+FINETUNE_DEFAULTS = {f.name: f.default for f in fields(FinetuneOptions)}
 # what must agree for an existing cache to be reused, beside its feature spec
 SOURCE_KEYS = ("dataset", "dataset_path", "dataset_source", "dataset_sha256", "classes", "limit", "seed", "tta",
                "views", "view_augment", "view_seed")
@@ -337,7 +338,7 @@ def plan_lines(config: SuiteConfig, cells: list[Cell], table: ResultsTable) -> l
             total += images
             lines.append(f"cache {cell.arch} {cell.dataset.name}: {state} -> {path}")
     tuned = sum(not table.finished(c.key) for c in probe_cells if c.probe == "finetune")
-    epochs = config.probe_options.get("finetune", {}).get("epochs", 5)
+    epochs = config.probe_options.get("finetune", {}).get("epochs", FINETUNE_DEFAULTS["epochs"])
     more = f", and {tuned} fine-tune cells of {epochs} epochs over their train splits" if tuned else ""
     lines.append(f"backbone images to run: {total} for the caches{more}; the other probes read the caches")
     return lines
