@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -68,8 +69,14 @@ def cuda_bf16_supported() -> bool:
 
 
 def cpu_bf16_native() -> bool:
-    """oneDNN has native bf16 kernels here (avx512_bf16 or AMX); elsewhere bf16 autocast is emulated."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """This CPU has bf16 instructions (x86: avx512_bf16 or AMX; arm: the BF16 extension); elsewhere bf16
+    autocast is emulated. oneDNN's own check is not enough on x86: it accepts any AVX-512 core, where it
+    converts to fp32 and runs slower than fp32 does."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # on arm, oneDNN's check is the BF16 extension itself
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def cpu_fp16_native() -> bool:

@@ -42,6 +42,21 @@ CPU_32 = ["--image-size", "32", "--resize", "36", "--device", "cpu", "--loader",
 TINY = [*CPU_32, "--weights", "none"]
 
 
+def cpu_flag_precisions() -> set[str]:
+    """The precisions this CPU runs natively, from the kernel's CPU flags (independent of torch's and
+    oneDNN's checks); off Linux/x86, only float32 is known to be native."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    native = {"float32"}
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        native.add("bfloat16")
+    if flags & {"avx512_fp16", "amx_fp16"}:
+        native.add("float16")
+    return native
+
+
 # ---- running the command line ------------------------------------------------------------------------
 
 

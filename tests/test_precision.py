@@ -39,6 +39,22 @@ def test_amp_picks_the_fastest_native_precision(hardware, kw, device, dtype):
     assert (chosen.notice is not None) == (dtype is None)  # fp32 under --amp: say so
 
 
+@pytest.mark.parametrize("machine, onednn, avx512_bf16, amx, native", [
+    ("x86_64", True, False, False, False),  # AVX-512 without bf16 instructions: oneDNN says yes, but emulates
+    ("x86_64", True, True, False, True),    # avx512_bf16
+    ("x86_64", True, False, True, True),    # AMX
+    ("x86_64", False, False, False, False),  # AVX2 only
+    ("aarch64", True, False, False, True),  # arm's BF16 extension: oneDNN's check is the instruction set
+    ("aarch64", False, False, False, False),
+])
+def test_native_bf16_needs_the_instructions_not_only_onednn(monkeypatch, machine, onednn, avx512_bf16, amx, native):
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert runtime.cpu_bf16_native() is native
+
+
 def test_no_amp_is_fp32_without_a_notice(hardware):
     hardware(bf16=True)
     chosen = precision(CPU, amp=False)
