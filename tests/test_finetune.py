@@ -102,10 +102,12 @@ def test_label_smoothing_defaults_to_the_init_heads_own(tmp_path):
 @pytest.mark.slow
 def test_loss_falls_on_a_learnable_set_and_lines_match_the_recipe(learnable, tmp_path):
     lines = []
-    # backbone x0.1: a random network learns this set at a tenth of the head's lr, not at the default x1
-    result = finetune(options(learnable, tmp_path, epochs=4, lr=0.02, backbone_lr_scale=0.1), log=lines.append)
+    # backbone x0.1: a random network learns this set at a tenth of the head's lr, not at the default x1;
+    # no label smoothing, whose floor (0.2 for two classes) would leave the loss little room to fall
+    opts = options(learnable, tmp_path, epochs=4, lr=0.02, backbone_lr_scale=0.1, label_smoothing=0.0)
+    result = finetune(opts, log=lines.append)
     losses = [h["train_loss"] for h in result.history]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.2 * losses[0], losses
     assert result.history[-1]["valid_acc"] >= 0.9
     pattern = r"Epoch \d+\. Train Loss: \d+\.\d{6}, Train Acc: \d\.\d{6}, Valid Loss: \d+\.\d{6}, Valid Acc: \d\.\d{6}, Time \d\d:\d\d:\d\d"
     assert len(lines) == 4 and all(__import__("re").fullmatch(pattern, line) for line in lines), lines
