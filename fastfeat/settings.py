@@ -229,7 +229,7 @@ class HeadOptions(Checked):
                                            "probability", group="output")
     plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
                                     "into this folder (needs the plot extra: matplotlib)", group="output")
-    memory_budget: str | None = option(None, BUDGET_HELP)
+    memory_budget: int | str | None = option(None, BUDGET_HELP, size=True)  # bytes once made
 
 
 @dataclass
@@ -246,7 +246,7 @@ class KnnOptions(Checked):
                                           f"within {SIMILARITY_BYTES // 2**20} MiB)", min=1)
     tta: bool | None = option(None, "classify each query by the mean of its center and flipped crops' vote shares "
                                     "(default: when the cache holds flips, fastfeat cache --tta flip)")
-    memory_budget: str | None = option(None, BUDGET_HELP)
+    memory_budget: int | str | None = option(None, BUDGET_HELP, size=True)  # bytes once made
 
 
 SCHEDULES = ("cosine", "step", "none")

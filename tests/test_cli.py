@@ -11,6 +11,7 @@ from helpers import run, write_cache
 
 from fastfeat.docs import OUT, SOURCES, cli_markdown, sources_markdown
 from fastfeat.errors import InputError
+from fastfeat.options import parse_size
 from fastfeat.settings import CacheOptions, HeadOptions, KnnOptions, PredictOptions
 from fastfeat.sources import KINDS
 
@@ -82,6 +83,26 @@ def test_the_python_api_checks_the_same_ranges(make, message):
 def test_in_range_values_pass():
     assert CacheOptions(seed=2**32 - 1, view_seed=0).seed == 2**32 - 1
     assert HeadOptions(lrs=(0.1,), val_fraction=0.0).lrs == (0.1,)
+
+
+def test_sizes_in_bytes():
+    assert parse_size("512MB") == 512 * 10**6 and parse_size("8GB") == 8 * 10**9 and parse_size(" 100 ") == 100
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("64 kib") == 2**16 and parse_size(".5k") == 512
+    assert [parse_size(bad) for bad in ("0", "-1GB", "lots", "", "1.2.3GB", "5XB", "0.1B", "1e9")] == [0] * 8
+    assert HeadOptions(memory_budget="2MiB").memory_budget == 2**21 and KnnOptions(memory_budget=7).memory_budget == 7
+    assert HeadOptions().memory_budget is None
+
+
+@pytest.mark.parametrize("budget", ["0", "-1GB", "lots", 0, 1.5, True])
+@pytest.mark.parametrize("command, options", [("train-head", HeadOptions), ("knn", KnnOptions)])
+def test_a_bad_size_is_the_same_line_from_the_cli_and_the_api(budget, command, options, capsys):
+    """Refused where --memory-budget is declared, before the cache is looked for."""
+    with pytest.raises(InputError) as api:
+        options(memory_budget=budget)
+    assert str(api.value) == f"--memory-budget must be a positive size such as 512MB or 8GB, got {budget!r}"
+    if isinstance(budget, str):
+        code, out, err = run([command, "--cache", "missing.h5", f"--memory-budget={budget}"], capsys)
+        assert (code, out, err) == (2, "", [f"fastfeat {command}: error: {api.value}"])
 
 
 def test_docs_cli_md_is_what_the_parser_prints_now():
