@@ -1,5 +1,6 @@
-"""The command line as a user meets it: instant help and info (no torch), every number's range checked
-where the option is declared (CLI and Python API alike), errors naming the command, docs/cli.md current."""
+"""The command line as a user meets it: instant help (no torch, DALI or h5py) and info (no torch), every
+number's and size's range checked where the option is declared (CLI and Python API alike), errors naming the
+command, docs/cli.md current."""
 import os
 import subprocess
 import sys
@@ -16,23 +17,24 @@ from fastfeat.settings import CacheOptions, HeadOptions, KnnOptions, PredictOpti
 from fastfeat.sources import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_LOADED = "import sys; {}; print(sorted(m for m in ('torch', 'nvidia.dali') if m in sys.modules))"
+NOT_LOADED = "import sys; {}; print(sorted(m for m in {} if m in sys.modules))"
+HEAVY = ("torch", "nvidia.dali")
 
 
-def _loaded_after(code: str) -> str:
-    """The heavy modules a fresh interpreter holds after running `code`."""
+def _loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> str:
+    """The `heavy` modules a fresh interpreter holds after running `code`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", NOT_LOADED.format(code)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", NOT_LOADED.format(code, heavy)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["cache", "--help"], ["train-head", "--help"],
                                   ["predict", "--help"]])
-def test_help_and_version_import_neither_torch_nor_dali(argv):
+def test_help_and_version_import_neither_torch_nor_dali_nor_h5py(argv):
     code = f"from fastfeat.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass"
-    assert _loaded_after(code) == "[]"
+    assert _loaded_after(code, (*HEAVY, "h5py")) == "[]"
 
 
 def test_info_on_a_cache_imports_neither_torch_nor_dali(tmp_path):
