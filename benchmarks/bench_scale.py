@@ -59,6 +59,7 @@ def child(what: str, cache: str, budget: str) -> dict:
     from fastfeat.budget import StreamPlan
     from fastfeat.head import HeadOptions, train_head
     from fastfeat.knn import KnnOptions, knn_evaluate
+    from fastfeat.options import parse_size
 
     torch.set_num_threads(2)
     lines: list[str] = []
@@ -66,7 +67,7 @@ def child(what: str, cache: str, budget: str) -> dict:
     if what == "read":
         from fastfeat.cache_file import BlockReader
 
-        plan = StreamPlan.for_splits(cache, ("train", "test"), budget, torch.device("cpu"))
+        plan = StreamPlan.for_splits(cache, ("train", "test"), parse_size(budget), torch.device("cpu"))
         for _ in BlockReader(cache, "train", plan.block_rows).blocks():
             pass
         seconds = time.perf_counter() - start

@@ -1,29 +1,15 @@
-"""How much memory a command may hold features in: `--memory-budget SIZE` parsed, or a safe share of what
-the device has free, and the block size a streamed pass reads under it."""
+"""How much memory a command may hold features in: `--memory-budget` (parsed where it is declared), or a safe
+share of what the device has free, and the block size a streamed pass reads under it."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import InputError
 from .settings import GPU_SHARE, HOST_SHARE
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 IN_MEMORY_COPIES = 2  # the in-memory path holds the features and about one working copy (standardised, gathered)
-
-
-def parse_size(text: str, flag: str = "--memory-budget") -> int:
-    """Bytes in a size such as `512MB`, `8GB`, `1.5GiB` (MB = 10**6, MiB = 2**20), or a one-line InputError."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and UNITS.get(match.group(2).lower())
-    size = int(float(match.group(1)) * unit) if unit else 0
-    if size < 1:
-        raise InputError(f"{flag} must be a positive size such as 512MB or 8GB, got {text!r}")
-    return size
 
 
 def available_bytes(device: torch.device) -> int:
@@ -36,10 +22,10 @@ def available_bytes(device: torch.device) -> int:
     raise OSError("/proc/meminfo has no MemAvailable")
 
 
-def memory_budget(text: str | None, device: torch.device) -> int:
-    """The budget in bytes: `text` parsed, or the device's safe share."""
-    if text is not None:
-        return parse_size(text)
+def memory_budget(budget: int | None, device: torch.device) -> int:
+    """The budget in bytes: `budget`, or the device's safe share."""
+    if budget is not None:
+        return budget
     return int(available_bytes(device) * (GPU_SHARE if device.type == "cuda" else HOST_SHARE))
 
 
@@ -60,12 +46,12 @@ class StreamPlan:
     rows: int
 
     @classmethod
-    def for_splits(cls, cache: str, splits: tuple[str, ...], budget_text: str | None, device: torch.device,
+    def for_splits(cls, cache: str, splits: tuple[str, ...], budget: int | None, device: torch.device,
                    views: bool = False) -> StreamPlan:
         """The plan for holding `splits` of `cache` (with their views) as float32 on `device`."""
         from .cache_file import split_bytes, split_shape
 
-        budget = memory_budget(budget_text, device)
+        budget = memory_budget(budget, device)
         need = sum(split_bytes(cache, split, views) for split in splits)
         rows, row_values = split_shape(cache, "train", views)
         others = need - split_bytes(cache, "train", views)  # queries and evaluation splits stay in memory

@@ -30,13 +30,12 @@ import h5py
 import numpy as np
 
 from .errors import FastfeatError, InputError
-from .spec import FeatureSpec, plain
+from .spec import FEATURE_DTYPES, FeatureSpec, plain
 
 if TYPE_CHECKING:
     import torch
 
 CHUNK_ROWS = 1024
-FEATURE_DTYPES = ("float16", "float32")
 
 
 def partial_path(out: Path) -> Path:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import evaluation
-from .budget import StreamPlan, parse_size
+from .budget import StreamPlan
 from .cache_file import BlockReader, cached_splits, check_complete, read_cache, split_files, view_names
 from .errors import InputError
 from .evaluation import classification_report
@@ -310,8 +310,6 @@ def check_options(opts: HeadOptions) -> None:
     """One-line InputErrors for values no training could use (None lr and weight decay are fine)."""
     if opts.plot:
         require_matplotlib()
-    if opts.memory_budget is not None:
-        parse_size(opts.memory_budget)
     for flag, values in (("--lrs", opts.lrs or ()), ("--weight-decays", opts.weight_decays or ())):
         if values and not opts.sweep:
             raise InputError(f"{flag} is the --sweep grid: add --sweep, or give one value with {flag[:-1]}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .budget import StreamPlan, parse_size
+from .budget import StreamPlan
 from .cache_file import Block, BlockReader, read_cache, read_views
 from .errors import InputError
 from .evaluation import classification_report
@@ -100,8 +100,6 @@ class KnnResult:
 
 def check_options(opts: KnnOptions) -> KnnOptions:
     """`opts` with `k` as sorted distinct ints, or a one-line InputError for values no search can use."""
-    if opts.memory_budget is not None:
-        parse_size(opts.memory_budget)
     return replace(opts, k=tuple(sorted(set(opts.k))))
 
 

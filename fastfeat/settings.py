@@ -1,6 +1,6 @@
 """Every command's options, as dataclasses: what a user can set, its default and its help, declared once.
 
-The parser (cli.py) and the Python API both build on these, and nothing here imports torch or DALI at
+The parser (cli.py) and the Python API both build on these, and nothing here imports torch, DALI or h5py at
 import time, so `fastfeat --help` is instant; methods that need torch import it where they run.
 """
 from __future__ import annotations
@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cache_file import FEATURE_DTYPES
 from .errors import InputError
 from .options import SEED, Checked, option
 from .sources import DATASET_KINDS, SPLITS, SourceInputs
-from .spec import INTERPOLATIONS, Preprocess
+from .spec import FEATURE_DTYPES, INTERPOLATIONS, Preprocess
 
 if TYPE_CHECKING:
     import torch
@@ -229,7 +228,7 @@ class HeadOptions(Checked):
                                            "probability", group="output")
     plot: str | None = option(None, "write learning_curves.png, confusion.png (test) and, with --sweep, sweep.png "
                                     "into this folder (needs the plot extra: matplotlib)", group="output")
-    memory_budget: str | None = option(None, BUDGET_HELP)
+    memory_budget: int | str | None = option(None, BUDGET_HELP, size=True)  # bytes once made
 
 
 @dataclass
@@ -246,7 +245,7 @@ class KnnOptions(Checked):
                                           f"within {SIMILARITY_BYTES // 2**20} MiB)", min=1)
     tta: bool | None = option(None, "classify each query by the mean of its center and flipped crops' vote shares "
                                     "(default: when the cache holds flips, fastfeat cache --tta flip)")
-    memory_budget: str | None = option(None, BUDGET_HELP)
+    memory_budget: int | str | None = option(None, BUDGET_HELP, size=True)  # bytes once made
 
 
 SCHEDULES = ("cosine", "step", "none")

@@ -11,6 +11,7 @@ from .errors import InputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's and timm's weights were trained with
+FEATURE_DTYPES = ("float16", "float32")  # what a cache stores features as
 
 
 @dataclass(frozen=True)

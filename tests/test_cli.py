@@ -1,5 +1,6 @@
-"""The command line as a user meets it: instant help and info (no torch), every number's range checked
-where the option is declared (CLI and Python API alike), errors naming the command, docs/cli.md current."""
+"""The command line as a user meets it: instant help (no torch, DALI or h5py) and info (no torch), every
+number's and size's range checked where the option is declared (CLI and Python API alike), errors naming the
+command, docs/cli.md current."""
 import os
 import subprocess
 import sys
@@ -11,27 +12,29 @@ from helpers import run, write_cache
 
 from fastfeat.docs import OUT, SOURCES, cli_markdown, sources_markdown
 from fastfeat.errors import InputError
+from fastfeat.options import parse_size
 from fastfeat.settings import CacheOptions, HeadOptions, KnnOptions, PredictOptions
 from fastfeat.sources import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_LOADED = "import sys; {}; print(sorted(m for m in ('torch', 'nvidia.dali') if m in sys.modules))"
+NOT_LOADED = "import sys; {}; print(sorted(m for m in {} if m in sys.modules))"
+HEAVY = ("torch", "nvidia.dali")
 
 
-def _loaded_after(code: str) -> str:
-    """The heavy modules a fresh interpreter holds after running `code`."""
+def _loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> str:
+    """The `heavy` modules a fresh interpreter holds after running `code`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", NOT_LOADED.format(code)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", NOT_LOADED.format(code, heavy)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["cache", "--help"], ["train-head", "--help"],
                                   ["predict", "--help"]])
-def test_help_and_version_import_neither_torch_nor_dali(argv):
+def test_help_and_version_import_neither_torch_nor_dali_nor_h5py(argv):
     code = f"from fastfeat.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass"
-    assert _loaded_after(code) == "[]"
+    assert _loaded_after(code, (*HEAVY, "h5py")) == "[]"
 
 
 def test_info_on_a_cache_imports_neither_torch_nor_dali(tmp_path):
@@ -82,6 +85,26 @@ def test_the_python_api_checks_the_same_ranges(make, message):
 def test_in_range_values_pass():
     assert CacheOptions(seed=2**32 - 1, view_seed=0).seed == 2**32 - 1
     assert HeadOptions(lrs=(0.1,), val_fraction=0.0).lrs == (0.1,)
+
+
+def test_sizes_in_bytes():
+    assert parse_size("512MB") == 512 * 10**6 and parse_size("8GB") == 8 * 10**9 and parse_size(" 100 ") == 100
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("64 kib") == 2**16 and parse_size(".5k") == 512
+    assert [parse_size(bad) for bad in ("0", "-1GB", "lots", "", "1.2.3GB", "5XB", "0.1B", "1e9")] == [0] * 8
+    assert HeadOptions(memory_budget="2MiB").memory_budget == 2**21 and KnnOptions(memory_budget=7).memory_budget == 7
+    assert HeadOptions().memory_budget is None
+
+
+@pytest.mark.parametrize("budget", ["0", "-1GB", "lots", 0, 1.5, True])
+@pytest.mark.parametrize("command, options", [("train-head", HeadOptions), ("knn", KnnOptions)])
+def test_a_bad_size_is_the_same_line_from_the_cli_and_the_api(budget, command, options, capsys):
+    """Refused where --memory-budget is declared, before the cache is looked for."""
+    with pytest.raises(InputError) as api:
+        options(memory_budget=budget)
+    assert str(api.value) == f"--memory-budget must be a positive size such as 512MB or 8GB, got {budget!r}"
+    if isinstance(budget, str):
+        code, out, err = run([command, "--cache", "missing.h5", f"--memory-budget={budget}"], capsys)
+        assert (code, out, err) == (2, "", [f"fastfeat {command}: error: {api.value}"])
 
 
 def test_docs_cli_md_is_what_the_parser_prints_now():

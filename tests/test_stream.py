@@ -1,6 +1,6 @@
 """Features bigger than memory: the block reader (contiguous blocks, every row once, any block order),
---memory-budget parsing and its one-line refusals, the streamed kNN and train-head (every optimizer, the
-sweep, views, TTA) against the in-memory ones, and what a streamed epoch reads."""
+the streamed kNN and train-head (every optimizer, the sweep, views, TTA) against the in-memory ones, and
+what a streamed epoch reads (--memory-budget's parsing is the options' own: test_cli.py)."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,12 @@ import torch
 from helpers import run, separable, write_cache
 
 import fastfeat.linear as linear_module
-from fastfeat.budget import StreamPlan, parse_size
+from fastfeat.budget import StreamPlan
 from fastfeat.cache_file import BlockReader
-from fastfeat.errors import InputError
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.knn import KnnOptions, knn_evaluate
 from fastfeat.model_files import load_head
+from fastfeat.options import parse_size
 from fastfeat.rows import StreamedRows
 from fastfeat.validation import ValidationPlan
 
@@ -30,21 +30,6 @@ def cache(tmp_path):
     views = {s: (["flip"], (x + rng.normal(0, 0.3, x.shape)).astype(np.float16)[:, None]) for s, (x, _) in
              (("train", train), ("test", test))}
     return write_cache(tmp_path / "c.h5", {"train": train, "test": test}, views=views)
-
-
-def test_parse_size():
-    assert parse_size("512MB") == 512 * 10**6 and parse_size("8GB") == 8 * 10**9
-    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("100") == 100 and parse_size("64 kib") == 2**16
-    for bad in ("0", "-1GB", "lots", "", "1.2.3GB", "5XB", "0.1B"):
-        with pytest.raises(InputError, match="--memory-budget must be a positive size"):
-            parse_size(bad)
-
-
-@pytest.mark.parametrize("command", ["knn", "train-head"])
-@pytest.mark.parametrize("budget", ["0", "-1GB", "lots"])
-def test_bad_budget_is_one_line(cache, capsys, budget, command):
-    code, _, err = run([command, "--cache", str(cache), "--device", "cpu", f"--memory-budget={budget}"], capsys)
-    assert code == 2 and len(err) == 1 and "--memory-budget must be a positive size" in err[0], err
 
 
 def test_blocks_are_contiguous_and_cover_every_row_once(cache):
@@ -66,8 +51,8 @@ def test_blocks_are_contiguous_and_cover_every_row_once(cache):
 
 def test_plan_streams_only_over_budget(cache):
     device = torch.device("cpu")
-    assert not StreamPlan.for_splits(str(cache), ("train", "test"), "1GB", device).streams
-    plan = StreamPlan.for_splits(str(cache), ("train", "test"), TINY, device)
+    assert not StreamPlan.for_splits(str(cache), ("train", "test"), 10**9, device).streams
+    plan = StreamPlan.for_splits(str(cache), ("train", "test"), parse_size(TINY), device)
     assert plan.streams and 1 <= plan.block_rows < 400 and "blocks of" in plan.describe(2)
 
 
