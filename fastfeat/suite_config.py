@@ -197,7 +197,15 @@ def probe_tables(tables: dict, where: str) -> dict[str, dict]:
     unknown = sorted(set(tables) - set(PROBES))
     if unknown:
         raise InputError(f"{where}: unknown probe [probes.{unknown[0]}]; the probes are {', '.join(PROBES)}")
-    return {name: _table(tables, name, PROBE_OPTIONS[name], where, SUITE_SET, f"probes.{name}") for name in tables}
+    return {name: non_default(PROBE_OPTIONS[name], _table(tables, name, PROBE_OPTIONS[name], where, SUITE_SET,
+                                                          f"probes.{name}")) for name in tables}
+
+
+def non_default(cls, values: dict) -> dict:
+    """`values` less those equal to `cls`'s defaults: a probe's table says only what this suite changed, so
+    OUT/suite.toml reads as what differs and an option spelled out at its default is no other setting."""
+    defaults = {f.name: f.default for f in cli_fields(cls)}
+    return {key: value for key, value in values.items() if value != defaults[key]}
 
 
 def datasets(opts: SuiteOptions) -> tuple[DatasetEntry, ...]:
@@ -277,11 +285,11 @@ def _toml_value(value: Any) -> str:
 
 def changed_settings(before: dict, now: dict) -> list[str]:
     """The settings that differ between two `settings()` documents: everything but which cells run (a probe's
-    options count where both ran it; --data-root where both read from it)."""
+    options count where both ran it, less those at their defaults; --data-root where both read from it)."""
     keys = sorted((set(before) | set(now)) - set(CELL_KEYS) - {"probes", "data_root"})
     changed = [f"{k} {before.get(k)!r} vs {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
     if "data_root" in before and "data_root" in now and before["data_root"] != now["data_root"]:
         changed.append(f"data_root {before['data_root']!r} vs {now['data_root']!r}")
-    probes_then, probes_now = before.get("probes", {}), now.get("probes", {})
+    probes_then, probes_now = (probe_tables(doc.get("probes", {}), "suite.toml") for doc in (before, now))
     return changed + [f"[probes.{p}] {probes_then[p]} vs {probes_now[p]}" for p in probes_then
                       if p in probes_now and probes_then[p] != probes_now[p]]
