@@ -2,9 +2,9 @@
 torch's PIL-exact one, on DALI's decoded images).
 
 CIFAR arrays enter through `external_source`; folders through the file reader, tar shards through the
-webdataset reader (in shard order; a shuffle's members through `external_source`), then the image
-decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the output is copied
-device-to-device into a torch tensor (no host round trip).
+webdataset reader (in shard order; a shuffle's members, and shards holding 16-bit PNGs, through
+`external_source`), then the image decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the
+output is copied device-to-device into a torch tensor (no host round trip).
 """
 from __future__ import annotations
 
@@ -41,10 +41,15 @@ def _array_source(images: np.ndarray, order: np.ndarray, batch_size: int) -> Cal
     return batches
 
 
-def _member_source(members: TarMembers, order: np.ndarray, batch_size: int) -> Callable[[], Iterator[list]]:
-    def batches() -> Iterator[list[np.ndarray]]:
+def _member_source(members: TarMembers, order: np.ndarray, batch_size: int,
+                   kinds: np.ndarray | None) -> Callable[[], Iterator]:
+    """Batches of the members' bytes in `order`, with each one's kind (a (1,) int32, as the file reader's
+    labels) when `kinds` is given."""
+    def batches() -> Iterator:
         for start in range(0, len(order), batch_size):
-            yield [np.frombuffer(members.read(row), dtype=np.uint8) for row in order[start : start + batch_size]]
+            rows = order[start : start + batch_size]
+            encoded = [np.frombuffer(members.read(row), dtype=np.uint8) for row in rows]
+            yield encoded if kinds is None else (encoded, kinds[rows, None])
 
     return batches
 
@@ -52,19 +57,25 @@ def _member_source(members: TarMembers, order: np.ndarray, batch_size: int) -> C
 _INDEX_DIR: tempfile.TemporaryDirectory | None = None  # this process's index files of shard subsets
 
 
-def read_members(members: TarMembers, order: np.ndarray, batch_size: int):
-    """Encoded tar members in `order`: in shard order (every cache, a rank's or a --limit's rows included)
-    DALI's webdataset reader, given each shard's kept index when every sample of it is read, else an index
-    of the samples that are; in any other order (a fine-tune's shuffle, which no reader follows) their bytes
-    read at their offsets, through `external_source`."""
+def read_members(members: TarMembers, order: np.ndarray, batch_size: int, kinds: np.ndarray | None):
+    """(encoded tar members in `order`, their kinds or None). In shard order (every cache, a rank's or a
+    --limit's rows included) DALI's webdataset reader, given each shard's kept index when every sample of it
+    is read, else an index of the samples that are; in any other order (a fine-tune's shuffle, which no
+    reader follows), or when some member is a 16-bit PNG (`kinds`: no reader carries a per-sample kind),
+    their bytes read at their offsets, through `external_source`."""
     global _INDEX_DIR
+    if kinds is not None:
+        encoded, kind = fn.external_source(source=_member_source(members, order, batch_size, kinds), num_outputs=2,
+                                           batch=True, dtype=[types.UINT8, types.INT32])
+        return encoded, kind
     if not np.all(np.diff(order) > 0):
-        return fn.external_source(source=_member_source(members, order, batch_size), batch=True, dtype=types.UINT8)
+        return fn.external_source(source=_member_source(members, order, batch_size, None), batch=True,
+                                  dtype=types.UINT8), None
     _INDEX_DIR = _INDEX_DIR or tempfile.TemporaryDirectory(prefix="fastfeat-wds-")
     paths, indexes, exts = dali_indexes(members.take(order), Path(_INDEX_DIR.name))
     return fn.readers.webdataset(paths=paths, index_paths=indexes, ext=[";".join(exts)], case_sensitive_extensions=False,
                                  missing_component_behavior="error", random_shuffle=False, pad_last_batch=True,
-                                 name="reader")
+                                 name="reader"), None
 
 
 def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
@@ -74,9 +85,9 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
             source=_array_source(split.images, order, batch_size), batch=True, layout="HWC", dtype=types.UINT8
         )
         return images.gpu() if gpu else images
-    kinds = _CHECKED.get(hash(split.files))  # None for tar members: read as 8-bit (DALI rounds v / 257)
+    kinds = _CHECKED.get(hash(split.files))  # the 16-bit PNGs' kinds; None when there are none
     if split.members is not None:
-        encoded = read_members(split.members, order, batch_size)
+        encoded, kind = read_members(split.members, order, batch_size, kinds)
     else:
         encoded, kind = fn.readers.file(files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True,
                                         labels=None if kinds is None else kinds[order].tolist(), name="reader")
@@ -245,20 +256,32 @@ def _pipeline_error(exc: Exception, split: Split, rows: np.ndarray) -> FastfeatE
 
 # hashes of the file lists whose headers parsed (each list is checked once), with their `wide_png_kinds`
 _CHECKED: dict[int, np.ndarray | None] = {}
-WIDE_COLOUR, WIDE_GREY = 1, 2  # a file's kind for the decoder; 0: 8-bit, or not a PNG
+WIDE_COLOUR, WIDE_GREY = 1, 2  # an image's kind for the decoder; 0: 8-bit, or not a PNG
+# every PNG's first 16 bytes (its signature, its IHDR chunk's length and type), and its bytes up to IHDR's colour type
+PNG_START = np.frombuffer(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", dtype=np.uint8)
+PNG_HEAD = PNG_COLOUR_TYPE + 1
 
 
-def wide_png_kinds(files: tuple[str, ...]) -> np.ndarray | None:
-    """Per file, whether it is a 16-bit PNG, in colour or grey (from its IHDR chunk); None when none is, the
-    common case, decoded straight to uint8. DALI decodes 16-bit PNGs to uint8 rounding v / 257, not as PIL."""
-    kinds = np.zeros(len(files), np.int32)
-    for i, path in enumerate(files):
+def image_heads(split: Split) -> np.ndarray:
+    """(N, PNG_HEAD) uint8: each image's first bytes, from its tar member (all at once), or from its file
+    when a .png (the only files opened; zeros for the others)."""
+    if split.members is not None:
+        return split.members.heads(PNG_HEAD)
+    heads = np.zeros((len(split.files), PNG_HEAD), np.uint8)
+    for i, path in enumerate(split.files):
         if path.lower().endswith(".png"):
             with open(path, "rb") as f:
-                header = f.read(PNG_COLOUR_TYPE + 1)
-            if len(header) > PNG_COLOUR_TYPE and header[PNG_BIT_DEPTH] == 16:
-                kinds[i] = WIDE_GREY if header[PNG_COLOUR_TYPE] == PNG_GREY else WIDE_COLOUR
-    return kinds if kinds.any() else None
+                head = f.read(PNG_HEAD)
+            heads[i, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+    return heads
+
+
+def wide_png_kinds(heads: np.ndarray) -> np.ndarray | None:
+    """Per image (its `image_heads`), whether it is a 16-bit PNG, in colour or grey; None when none is, the
+    common case, decoded straight to uint8. DALI decodes 16-bit PNGs to uint8 rounding v / 257, not as PIL."""
+    wide = (heads[:, : len(PNG_START)] == PNG_START).all(axis=1) & (heads[:, PNG_BIT_DEPTH] == 16)
+    kinds = np.where(heads[:, PNG_COLOUR_TYPE] == PNG_GREY, WIDE_GREY, WIDE_COLOUR) * wide
+    return kinds.astype(np.int32) if wide.any() else None
 
 
 def check_headers(split: Split) -> None:
@@ -273,7 +296,7 @@ def check_headers(split: Split) -> None:
         bad = find_corrupt_image(split, shown, full_decode=False)
     if bad is not None:
         raise InputError(f"corrupt image: {bad}")
-    _CHECKED[key] = None if split.members is not None else wide_png_kinds(split.files)
+    _CHECKED[key] = wide_png_kinds(image_heads(split))
 
 
 def _build(pipeline, split: Split, order: np.ndarray, batch_size: int, device: torch.device, *args, seed: int | None = None):

@@ -3,27 +3,32 @@ resumes with changed settings (issue 21). Each failure is one stderr line, no tr
 behind are checked."""
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import LOADERS, hold_lock, make_cifar, run, separable, write_cache
+from helpers import LOADERS, hold_lock, make_cifar, make_folder, run, separable, write_cache
 from PIL import Image
 
-from fastfeat.cache_file import partial_path
-from fastfeat.loaders import center_and_decoded_batches
+from fastfeat.cache import CacheOptions, build_cache
+from fastfeat.cache_file import partial_path, read_cache
+from fastfeat.loaders import center_and_decoded_batches, eval_batches
 from fastfeat.outputs import lock_path
 from fastfeat.sources import open_dataset
 from fastfeat.spec import Preprocess
+from fastfeat.synthetic import write_shards
 
 TINY = ["--image-size", "32", "--resize", "36", "--weights", "none", "--device", "cpu", "--loader", "torch",
         "--no-amp", "--no-progress"]
@@ -348,7 +353,7 @@ def wide_pngs(tmp_path_factory) -> Path:
     return root
 
 
-def pil_rgb(path: str) -> np.ndarray:
+def pil_rgb(path: str | io.BytesIO) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
@@ -380,3 +385,80 @@ def test_predict_takes_16_bit_pngs_as_pil_converts_them(wide_pngs, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     scores = [line.split(": ", 1)[1] for line in proc.stdout.splitlines()]
     assert len(scores) == 2 * len(wide) and scores[: len(wide)] == scores[len(wide) :], proc.stdout
+
+
+@pytest.fixture(scope="module")
+def wide_shards(wide_pngs, tmp_path_factory) -> Path:
+    """The 16-bit PNG folder's images and a JPEG per class as shards of 4 samples: 16-bit grey, grey-alpha,
+    colour and RGBA members beside 8-bit PNG and JPEG ones, in one shard and across shards."""
+    folder, rng = tmp_path_factory.mktemp("png16-folder") / "f", np.random.default_rng(1)
+    shutil.copytree(wide_pngs, folder)
+    for class_folder in folder.glob("*/*"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(class_folder / "9.jpg", quality=90)
+    return write_shards(folder, tmp_path_factory.mktemp("png16-shards"), per_shard=4)
+
+
+def member_pixels(split) -> list[np.ndarray]:
+    """PIL's `convert("RGB")` of each row's member, read whole at its offset: the reference."""
+    return [pil_rgb(io.BytesIO(split.members.read(row))) for row in range(len(split))]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_16_bit_png_members_of_shards_decode_as_pil_converts_them(wide_shards, loader):
+    """Every member decoded as PIL converts it, in batches that straddle shards and end short; a shuffle's
+    and a subset's center crops equal the torch loader's in that order."""
+    split = open_dataset(str(wide_shards), splits=("train",)).splits["train"]
+    expected = member_pixels(split)
+    modes = [Image.open(io.BytesIO(split.members.read(row))).mode for row in range(len(split))]
+    assert len(split) == 12 and {"I;16", "RGB", "RGBA"} <= set(modes) and sum(m.endswith(".jpg") for m in split.members.names) == 2
+    pre = Preprocess(image_size=16, resize=18)
+    decoded = [image for _, images in center_and_decoded_batches(split, loader, pre, 5, torch.device("cpu")) for image in images]
+    assert len(decoded) == len(split)
+    for image, reference, name in zip(decoded, expected, split.files):
+        assert image.dtype == torch.uint8
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), reference, err_msg=name)
+    for rows, order in ((split, np.random.default_rng(2).permutation(len(split))), (split.take(np.array([1, 2, 6, 9])), None)):
+        got, want = (torch.cat(list(eval_batches(rows, name, pre, 3, torch.device("cpu"), order))) for name in (loader, "torch"))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_shards_with_16_bit_pngs_cache_the_features_of_their_pil_conversion(wide_shards, loader, tmp_path):
+    """The shards' cache (either loader) against the torch loader's cache of a folder of 8-bit PNGs holding
+    PIL's conversion of each member, row for row."""
+    dataset = open_dataset(str(wide_shards))
+    converted = tmp_path / "converted"
+    for name, split in dataset.splits.items():
+        for row, (pixels, label) in enumerate(zip(member_pixels(split), split.labels.tolist())):
+            (converted / name / dataset.classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(converted / name / dataset.classes[label] / f"{row:03d}.png")
+    opts = dict(weights="none", image_size=32, resize=36, device="cpu", progress=False, amp=False, dtype="float32",
+                batch_size=5, compile=False)
+    caches = {}
+    for name, data, kind in (("shards", wide_shards, loader), ("converted", converted, "torch")):
+        build_cache(CacheOptions(data=str(data), out=str(tmp_path / f"{name}.h5"), loader=kind, **opts))
+        caches[name] = read_cache(tmp_path / f"{name}.h5")
+    for split in ("train", "test"):
+        a, b = caches["shards"], caches["converted"]
+        np.testing.assert_array_equal(a.labels[split], b.labels[split])
+        assert a.features[split].shape == (12, 512) and a.features[split].std() > 0
+        torch.testing.assert_close(torch.from_numpy(a.features[split]), torch.from_numpy(b.features[split]))
+
+
+def test_png_heads_of_tar_members_are_their_first_bytes(wide_shards, tmp_path):
+    """`TarMembers.heads` against each member read whole (zeros past a member's end); shards without 16-bit
+    members keep DALI's webdataset reader (no kinds), those with them get each one's kind."""
+    from fastfeat.dali_loader import PNG_HEAD, WIDE_COLOUR, WIDE_GREY, image_heads, wide_png_kinds
+
+    split = open_dataset(str(wide_shards), splits=("train",)).splits["train"]
+    members = split.members.take(np.random.default_rng(3).permutation(len(split)))  # rows out of shard order
+    whole = [np.frombuffer(members.read(row)[:PNG_HEAD], dtype=np.uint8) for row in range(len(split))]
+    np.testing.assert_array_equal(members.heads(PNG_HEAD), np.stack(whole))
+    short = replace(members, size=np.minimum(members.size, 10)).heads(PNG_HEAD)
+    assert (short[:, 10:] == 0).all() and (short[:, :10] == np.stack(whole)[:, :10]).all()
+    modes = [Image.open(io.BytesIO(split.members.read(row))).mode for row in range(len(split))]
+    expected = [WIDE_GREY if m == "I;16" else WIDE_COLOUR if wide else 0
+                for m, wide in zip(modes, (split.members.read(r)[24] == 16 for r in range(len(split))))]
+    assert wide_png_kinds(image_heads(split)).tolist() == expected
+    plain = write_shards(make_folder(tmp_path / "f", per_class=2), tmp_path / "w", per_shard=3)
+    assert wide_png_kinds(image_heads(open_dataset(str(plain), splits=("train",)).splits["train"])) is None
