@@ -1,6 +1,6 @@
 """Nothing lost, nothing crashes: one writer per output, full disks, outputs checked first, damaged caches,
-resumes with changed settings, 16-bit PNGs decoded as PIL converts them. Each failure is one stderr line, no traceback, and the files left
-behind are checked."""
+resumes with changed settings, 16-bit PNGs decoded as PIL converts them. Each failure is one stderr line,
+no traceback, and the files left behind are checked."""
 from __future__ import annotations
 
 import io
