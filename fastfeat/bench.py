@@ -42,6 +42,7 @@ from .runtime import (
     compile_wanted,
     cuda_bf16_supported,
     host_arrays,
+    keep_freed_memory,
     loader_workers,
     precision_name,
     resolve_device,
@@ -416,6 +417,7 @@ def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None
         "dataset": opts.dataset,
         "channels_last": opts.channels_last, "compile": opts.compile, "compiled": bench.compiled, "repeats": opts.repeats,
         "threads": {"torch": torch.get_num_threads(), "loader": loader_workers()},
+        "allocator": keep_freed_memory(),
         **({"original_batch_size": ORIGINAL_BATCH[opts.what], "original_workers": ORIGINAL_WORKERS}
            if opts.vs_original else {}),
     }

@@ -76,41 +76,58 @@ def pil_axis_weights(size: int, resized: int, start: int, crop: int, interpolati
 @functools.lru_cache(maxsize=64)
 def _resize_plan(height: int, width: int, pre: Preprocess, device: torch.device) -> tuple:
     """`resize_center_crop`'s input window and weights: (rows, row weights (crop, R), cols, column
-    weights (C, crop)) for the rows and columns the kept crop reads, in grey levels per level."""
+    weights (C, crop)) for the rows and columns the kept crop reads, in grey levels per level, and
+    whether a weight is negative (only then can a sum leave 0..255)."""
     out_h, out_w = resized_size(height, width, pre.resize)
     crop = pre.image_size
     row0, rows = pil_axis_weights(height, out_h, crop_start(out_h, crop), crop, pre.interpolation)
     col0, cols = pil_axis_weights(width, out_w, crop_start(out_w, crop), crop, pre.interpolation)
     unit = 1.0 / (1 << PIL_BITS)  # a power of 2: the scaled weights stay exact
     return (slice(row0, row0 + rows.shape[1]), (rows * unit).to(device), slice(col0, col0 + cols.shape[1]),
-            (cols.T * unit).contiguous().to(device))
+            (cols.T * unit).contiguous().to(device), bool((rows < 0).any() or (cols < 0).any()))
 
 
-def _round_pass(sums: torch.Tensor) -> torch.Tensor:
+def _round_pass(sums: torch.Tensor, overshoots: bool) -> torch.Tensor:
     """Pillow's end of a pass: the sums (in grey levels; exact, the weights being integers over a power
-    of 2) rounded half up to whole levels and clipped to 0..255, in place."""
-    return sums.add_(0.5).floor_().clamp_(0, 255)
+    of 2) rounded half up to whole levels and, where they `overshoot`, clipped to 0..255, in place."""
+    sums.add_(0.5).floor_()
+    return sums.clamp_(0, 255) if overshoots else sums
+
+
+def _resized_levels(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW (one size) -> Pillow's resized and center-cropped grey levels, float64 (N, crop, crop, C).
+    Pillow's two passes (horizontal, then vertical, each rounded to whole levels) as two small float64
+    matmuls (exact on these integers) with its coefficients for the kept crop's rows and columns only."""
+    n, channels, _, _ = images.shape
+    rows, row_weights, cols, col_weights, overshoots = _resize_plan(*images.shape[-2:], pre, images.device)
+    crop = pre.image_size
+    across = _round_pass(images[:, :, rows, cols].double() @ col_weights, overshoots)  # (N, C, R, crop)
+    across = across.permute(0, 2, 3, 1).reshape(n, -1, crop * channels)  # channels innermost
+    return _round_pass(row_weights @ across, overshoots).view(n, crop, crop, channels)
 
 
 def resize_center_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW (one size) -> uint8 NCHW (image_size x image_size): torchvision's `Resize(resize)` +
-    `CenterCrop(image_size)` on PIL images, pixel for pixel. Pillow's two passes (horizontal, then
-    vertical, each rounded to uint8) as two small float64 matmuls (exact on these integers) with its
-    coefficients for the kept crop's rows and columns only. The result is channels_last (as the model
-    takes it)."""
-    n, channels, _, _ = images.shape
-    rows, row_weights, cols, col_weights = _resize_plan(*images.shape[-2:], pre, images.device)
-    crop = pre.image_size
-    across = _round_pass(images[:, :, rows, cols].double() @ col_weights)  # (N, C, R, crop)
-    across = across.permute(0, 2, 3, 1).reshape(n, -1, crop * channels)  # channels innermost
-    down = _round_pass(row_weights @ across)
-    return down.to(torch.uint8).view(n, crop, crop, channels).permute(0, 3, 1, 2)
+    `CenterCrop(image_size)` on PIL images, pixel for pixel, channels_last (as the model takes it)."""
+    return _resized_levels(images, pre).to(torch.uint8).permute(0, 3, 1, 2)
+
+
+CPU_CHUNK_BYTES = 8 << 20  # a CPU transforms this much float64 at a time: its passes then stay in cache
 
 
 def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW batch (one size) -> normalized float NCHW (image_size x image_size, channels_last):
-    the weights' `transforms()` (Resize, CenterCrop, ToTensor, Normalize) as on PIL images."""
-    return normalize(resize_center_crop(images, pre).float() / 255.0, pre.mean, pre.std)
+    the weights' `transforms()` (Resize, CenterCrop, ToTensor, Normalize) as on PIL images. On a CPU a
+    few images at a time, each chunk's levels scaled straight into the float32 result."""
+    n, channels, _, _ = images.shape
+    crop = pre.image_size
+    out = torch.empty(n, crop, crop, channels, device=images.device)
+    std = torch.tensor(pre.std, dtype=torch.float64, device=images.device)
+    scale, shift = 1 / (255 * std), -torch.tensor(pre.mean, dtype=torch.float64, device=images.device) / std
+    chunk = n if images.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (crop * crop * channels * 8))
+    for start in range(0, n, chunk):
+        torch.addcmul(shift, _resized_levels(images[start:start + chunk], pre), scale, out=out[start:start + chunk])
+    return out.permute(0, 3, 1, 2)
 
 
 def per_size(images: torch.Tensor | list[torch.Tensor], transform) -> torch.Tensor:
