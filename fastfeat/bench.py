@@ -252,7 +252,7 @@ class CacheBench:
         self.dtype = self.precision.dtype
         self.backbone = opts.build()
         self.pre = self.backbone.spec.pre
-        compile = compile_wanted(opts.compile, len(self.split), device)
+        compile = compile_wanted(opts.compile, len(self.split), device, "forward", self.dtype)
         self.extractor = FeatureExtractor(self.backbone.model, device, self.dtype, opts.channels_last, compile)
 
     @property

@@ -148,7 +148,7 @@ def _build_cache(opts: CacheOptions, out: Path, dataset: Dataset, world: World, 
     backbone = backbone or opts.build()
     spec, pre = backbone.spec.with_precision(chosen.name), backbone.spec.pre
     rows = {name: len(split) for name, split in dataset.splits.items()}
-    compile = compile_wanted(opts.compile, sum(rows.values()), device)
+    compile = compile_wanted(opts.compile, sum(rows.values()), device, "forward", chosen.dtype)
     extractor = extractor or FeatureExtractor(backbone.model, device, chosen.dtype, opts.channels_last, compile)
     attrs = {**cache_attrs(dataset, spec, opts.batch(device), opts.limit, opts.seed, plan),
              "precision_reason": chosen.reason}

@@ -218,7 +218,7 @@ class Trainer:
         if world.distributed:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         images = steps_per_epoch * opts.batch_size * world.size * opts.epochs
-        self.forward = CompiledOrEager(wrapped, compile_wanted(opts.compile, images, self.device))
+        self.forward = CompiledOrEager(wrapped, compile_wanted(opts.compile, images, self.device, "training", self.dtype))
         self.optimizer = make_optimizer(self.model, self.head_path, opts)
         self.schedule = make_schedule(self.optimizer, opts, steps_per_epoch)
         self.head_only = warmup_steps(opts, steps_per_epoch) if opts.init_head else 0  # the first steps

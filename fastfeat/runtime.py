@@ -215,16 +215,22 @@ def host_arrays(tensors: Iterable[torch.Tensor], device: torch.device) -> Iterat
         yield pending[0].numpy()
 
 
-# --compile auto: compile once the run has this many images. Inductor's compile costs about as much as eager
-# inference of this many images gains on a small CPU (docs/precision.md has the measurement); a GPU's eager
-# pass is so much faster that only very long runs pay back the same compile time.
-AUTO_COMPILE_IMAGES = {"cpu": 10_000, "cuda": 500_000}
+# --compile auto: the images a run needs before torch.compile's start-up pays back, by (job, device type,
+# precision), as measured (docs/precision.md). A combination not listed measured no faster compiled, or was
+# never measured, and stays eager; the GPU rows are a guess until measured.
+AUTO_COMPILE_IMAGES: dict[tuple[str, str, str], int] = {
+    ("forward", "cpu", "float32"): 50_000,
+    ("forward", "cpu", "bfloat16"): 100_000,
+    **{(job, "cuda", dtype): 500_000 for job in ("forward", "training") for dtype in ("bfloat16", "float16")},
+}
 
 
-def compile_wanted(setting: bool | str, images: int, device: torch.device) -> bool:
-    """`--compile` / `--no-compile` force it; `auto` compiles when the run is long enough to pay back."""
+def compile_wanted(setting: bool | str, images: int, device: torch.device, job: str, dtype: torch.dtype | None) -> bool:
+    """`--compile` / `--no-compile` force it; `auto` compiles a `job` ("forward" or "training") of
+    `images` when that many pay back the compile time on this device at this precision."""
     if setting == "auto":
-        return images >= AUTO_COMPILE_IMAGES[device.type]
+        needed = AUTO_COMPILE_IMAGES.get((job, device.type, precision_name(dtype)))
+        return needed is not None and images >= needed
     return bool(setting)
 
 

@@ -50,6 +50,17 @@ def test_resize_equals_pillow(interpolation, height, width, resize, crop):
     torch.testing.assert_close(eval_transform(images, pre), normalized, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 40])
+def test_the_cpu_transforms_a_batch_in_chunks_of_any_size(monkeypatch, chunk_bytes):
+    """One image per chunk, or the whole batch at once: the same normalized crops as PIL's."""
+    pre = Preprocess(resize=40, image_size=32, interpolation="bicubic")
+    pixels = random_images(5, 37, 29)
+    monkeypatch.setattr("fastfeat.transforms.CPU_CHUNK_BYTES", chunk_bytes)
+    normalized = torch.stack([pil_transform(pre)(Image.fromarray(p)) for p in pixels])
+    got = eval_transform(torch.from_numpy(pixels).permute(0, 3, 1, 2), pre)
+    torch.testing.assert_close(got, normalized, rtol=0, atol=1e-5)
+
+
 def test_images_of_several_sizes_are_transformed_per_size_in_order():
     pre = Preprocess(resize=40, image_size=32, interpolation="bicubic")
     images = [torch.from_numpy(random_images(1, *size, seed=i)[0]).permute(2, 0, 1)

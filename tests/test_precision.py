@@ -1,6 +1,11 @@
 """The precision policy and --compile auto, with the hardware checks patched: every branch on any machine."""
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -96,10 +101,16 @@ def test_the_fp32_fallback_is_one_info_line_per_process(hardware, monkeypatch, c
 
 
 def test_compile_auto_compiles_only_long_runs():
-    threshold = runtime.AUTO_COMPILE_IMAGES["cpu"]
-    assert not compile_wanted("auto", threshold - 1, CPU) and compile_wanted("auto", threshold, CPU)
-    assert compile_wanted(True, 1, CPU) and not compile_wanted(False, 10**9, CPU)
-    assert runtime.AUTO_COMPILE_IMAGES["cuda"] > threshold  # a GPU's eager pass is faster: more to pay back
+    threshold = runtime.AUTO_COMPILE_IMAGES[("forward", "cpu", "float32")]
+    assert not compile_wanted("auto", threshold - 1, CPU, "forward", None)
+    assert compile_wanted("auto", threshold, CPU, "forward", None)
+    assert compile_wanted(True, 1, CPU, "training", None) and not compile_wanted(False, 10**9, CPU, "forward", None)
+    # a GPU's eager pass is faster: more images to pay back the same compile time
+    assert runtime.AUTO_COMPILE_IMAGES[("forward", "cuda", "bfloat16")] > threshold
+
+
+def test_compile_auto_stays_eager_where_compiling_never_measured_faster():
+    assert not compile_wanted("auto", 10**9, CPU, "training", torch.bfloat16)
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
@@ -143,3 +154,36 @@ def test_the_cache_falls_back_to_eager_when_compile_fails(sample, tmp_path, monk
     assert "torch.compile failed (RuntimeError: inductor is broken); running eagerly" in capsys.readouterr().err
     torch.testing.assert_close(torch.from_numpy(read_cache(forced.out, splits=("test",)).features["test"]),
                                torch.from_numpy(read_cache(eager.out, splits=("test",)).features["test"]))
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (malloc.h): `hblkhd` is the bytes held in separately mmapped blocks."""
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mmapped_bytes(libc) -> int:
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc.mallinfo2().hblkhd
+
+
+def test_cpu_runs_keep_large_blocks_in_the_heap(monkeypatch):
+    """After a CPU device is resolved, a 64 MB block comes from the heap, not from a fresh mmap."""
+    libc = ctypes.CDLL(None)
+    if not sys.platform.startswith("linux") or not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc >= 2.33 only")
+    if any(key.startswith("MALLOC_") for key in os.environ) or "LD_PRELOAD" in os.environ:
+        pytest.skip("the environment sets the allocator")
+    runtime.resolve_device("cpu")
+    assert runtime.keep_freed_memory() == "glibc: one arena, freed memory kept"
+    before = _mmapped_bytes(libc)
+    block = np.ones(64 << 20, dtype=np.uint8)
+    assert _mmapped_bytes(libc) == before and block.sum() == 64 << 20
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "4"}, {"LD_PRELOAD": "libjemalloc.so"}])
+def test_the_users_allocator_settings_win(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *_: pytest.fail("mallopt called despite the environment"))
+    assert runtime.keep_freed_memory.__wrapped__() == "as set by the environment"
