@@ -86,6 +86,17 @@ def one_line(argv: list[str], capsys, match: str, code: int = 2) -> str:
     return err[0]
 
 
+def fastfeat_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`fastfeat(*args)` run in this process (no torch import to pay): for checks of the exit code and of
+    what the command itself prints."""
+    try:
+        code = main(list(map(str, args)))
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["fastfeat", *map(str, args)], code, out, err)
+
+
 def fastfeat(*args: str) -> subprocess.CompletedProcess:
     """The real command line in a process of its own, so every line it writes to stderr is seen."""
     return subprocess.run([sys.executable, "-m", "fastfeat", *map(str, args)], cwd=REPO, capture_output=True,

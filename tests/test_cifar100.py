@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, Payload, fastfeat, make_cifar, refused
+from helpers import TINY, Payload, fastfeat_here, make_cifar, refused
 
 from fastfeat import InputError, open_dataset, read_cache
 from fastfeat.cache import default_cache_path
@@ -72,7 +72,7 @@ def test_limit_keeps_every_fine_class(data):
         open_dataset(data[0], "cifar100", limit=99)
 
 
-def test_both_cifars_make_auto_ambiguous(data, tmp_path):
+def test_both_cifars_make_auto_ambiguous(data, tmp_path, capsys):
     root, train, _ = write_data(tmp_path / "both")
     make_cifar(root, n_train=10, n_test=4)
     with pytest.raises(InputError, match="both cifar-10-batches-py/ and cifar-100-python/: pass --dataset cifar10 "
@@ -80,7 +80,7 @@ def test_both_cifars_make_auto_ambiguous(data, tmp_path):
         open_dataset(root)
     assert open_dataset(root, "cifar10").classes == ("dark", "bright")
     np.testing.assert_array_equal(open_dataset(root, "cifar100").splits["train"].labels, train.labels)
-    done = fastfeat("cache", "--data", root, "--out", tmp_path / "c.h5", *TINY, "--no-progress")
+    done = fastfeat_here(capsys, "cache", "--data", root, "--out", tmp_path / "c.h5", *TINY, "--no-progress")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"fastfeat cache: error: {root} holds both ") and "--dataset" in done.stderr
 
@@ -142,12 +142,12 @@ def test_download_is_skipped_when_the_release_is_there(data, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["train", "meta"])
-def test_a_crafted_cifar100_file_is_refused_in_one_line(name, tmp_path):
+def test_a_crafted_cifar100_file_is_refused_in_one_line(name, tmp_path, capsys):
     marker = tmp_path / "MARKER"
     root, _, _ = write_data(tmp_path / "cifar")
     path = root / "cifar-100-python" / name
     path.write_bytes(pickle.dumps({b"data": Payload(marker), b"fine_labels": [0]}, protocol=2))
-    done = fastfeat("cache", "--data", root, "--dataset", "cifar100", "--out", tmp_path / "c.h5", *TINY, "--no-progress")
+    done = fastfeat_here(capsys, "cache", "--data", root, "--dataset", "cifar100", "--out", tmp_path / "c.h5", *TINY, "--no-progress")
     assert done.returncode == 2 and refused(done.stderr, "cache", "CIFAR-100 file", path, "numpy arrays and plain values"), done.stderr
     assert not marker.exists() and not (tmp_path / "c.h5").exists()
 

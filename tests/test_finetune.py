@@ -134,7 +134,7 @@ def test_fp16_amp_uses_a_gradient_scaler(learnable, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path, monkeypatch):
-    whole = finetune(options(learnable, tmp_path / "a", epochs=2), log=lambda line: None)
+    whole = finetune(options(learnable, tmp_path / "a", epochs=2, **TINY), log=lambda line: None)
     real_step, calls = Trainer.step, {"n": 0}
 
     def interrupted(self, *args):
@@ -144,7 +144,7 @@ def test_resume_after_an_interrupted_epoch_continues_exactly(learnable, tmp_path
         return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "step", interrupted)
-    opts = options(learnable, tmp_path / "b", epochs=2)
+    opts = options(learnable, tmp_path / "b", epochs=2, **TINY)
     with pytest.raises(KeyboardInterrupt):
         finetune(opts, log=lambda line: None)
     assert read_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")["epoch"] == 1

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import CPU_AMP, TINY, error_lines, make_cifar, make_folder, one_line, run, separable, write_cache
+from helpers import CPU_AMP, TINY, error_lines, fastfeat_here, make_cifar, make_folder, one_line, run, separable, write_cache
 
 from fastfeat.backbone import build_backbone
 from fastfeat.errors import FastfeatError, InputError
@@ -207,10 +207,9 @@ def test_an_error_under_a_progress_bar_is_its_own_last_line(tmp_path):
     assert last == f"fastfeat cache: error: corrupt image: {bad}", repr(shown[-300:])
 
 
-def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path):
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, capsys):
     data = make_folder(tmp_path / "f", per_class=12)
-    proc = subprocess.run([sys.executable, "-m", "fastfeat", "cache", "--data", str(data), *TINY, "--batch-size", "2",
-                           "--out", str(tmp_path / "c.h5")], capture_output=True, text=True, timeout=300)
+    proc = fastfeat_here(capsys, "cache", "--data", data, *TINY, "--batch-size", "2", "--out", tmp_path / "c.h5")
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr
     lines = proc.stderr.splitlines()

@@ -24,6 +24,7 @@ from PIL import Image
 
 from fastfeat.cache import CacheOptions, build_cache
 from fastfeat.cache_file import partial_path, read_cache
+from fastfeat.cli import main
 from fastfeat.loaders import center_and_decoded_batches, eval_batches
 from fastfeat.outputs import lock_path
 from fastfeat.sources import open_dataset
@@ -67,8 +68,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    proc = fastfeat(cache_argv(data, out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(cache_argv(data, out)) == 0
     return out
 
 
@@ -117,8 +117,7 @@ def test_kill_9_while_holding_the_lock_the_next_run_takes_it_and_resumes(data, r
     proc = subprocess.run([sys.executable, "-c", killed, *cache_argv(data, out)], env=ENV, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert lock_path(out).exists() and partial_path(out).exists() and not out.exists()
-    resumed = fastfeat(cache_argv(data, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(cache_argv(data, out, "--resume")) == 0
     same_cache(out, reference)
 
 
@@ -138,8 +137,7 @@ def test_a_full_disk_is_one_line_and_resume_after_it_equals_one_run(data, refere
     proc = fastfeat(cache_argv(data, out), preexec=_file_limit(20_000))
     last_line(proc, "cache", "File too large", 1)
     assert not out.exists() and not partial_path(out).exists() and not lock_path(out).exists()
-    resumed = fastfeat(cache_argv(data, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(cache_argv(data, out, "--resume")) == 0
     same_cache(out, reference)
 
 
@@ -157,8 +155,7 @@ def test_a_size_limit_reached_mid_run_is_one_line_and_resume_after_it_equals_one
     last_line(proc, "cache", "File too large; free space and rerun with --resume", 1)
     assert len([line for line in proc.stderr.splitlines() if not line.startswith("fastfeat: info: ")]) == 1, proc.stderr
     assert partial_path(out).exists() and not out.exists() and not lock_path(out).exists()
-    resumed = fastfeat(cache_argv(data, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(cache_argv(data, out, "--resume")) == 0
     same_cache(out, reference)
 
 
@@ -188,7 +185,7 @@ def test_a_write_failing_mid_run_leaves_a_resumable_partial(data, reference, tmp
 def test_a_head_that_cannot_be_saved_keeps_the_previous_one(reference, tmp_path):
     head = tmp_path / "head.pt"
     argv = ["train-head", "--cache", str(reference), "--device", "cpu", "--epochs", "1", "--out", str(head)]
-    assert fastfeat(argv).returncode == 0
+    assert main(argv) == 0
     before = head.read_bytes()
     proc = fastfeat(argv, preexec=_file_limit(len(before) // 2))
     last_line(proc, "train-head", f"cannot write {head}", 1)
@@ -370,21 +367,22 @@ def test_16_bit_pngs_decode_as_pil_converts_them_in_a_batch_with_8_bit_ones(wide
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pil_rgb(path), err_msg=path)
 
 
-def test_predict_takes_16_bit_pngs_as_pil_converts_them(wide_pngs, tmp_path):
+def test_predict_takes_16_bit_pngs_as_pil_converts_them(wide_pngs, tmp_path, capsys):
     """A head trained on the folder; predict's probabilities for each 16-bit PNG equal those for the 8-bit
     PNG PIL converts it to, all in one batch with an 8-bit image."""
     cache, head = tmp_path / "c.h5", tmp_path / "head.pt"
-    assert fastfeat(cache_argv(wide_pngs, cache)).returncode == 0
-    assert fastfeat(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "2", "--out", str(head)]).returncode == 0
+    assert run(cache_argv(wide_pngs, cache), capsys)[0] == 0
+    assert run(["train-head", "--cache", str(cache), "--device", "cpu", "--epochs", "2", "--out", str(head)], capsys)[0] == 0
     wide = sorted(str(p) for p in (wide_pngs / "test").rglob("*.png"))
     converted = []
     for i, path in enumerate(wide):
         converted.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(pil_rgb(path)).save(converted[-1])
-    proc = fastfeat(["predict", "--model", str(head), "--device", "cpu", "--no-amp", "--topk", "2", *wide, *converted])
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    scores = [line.split(": ", 1)[1] for line in proc.stdout.splitlines()]
-    assert len(scores) == 2 * len(wide) and scores[: len(wide)] == scores[len(wide) :], proc.stdout
+    code, out, err = run(["predict", "--model", str(head), "--device", "cpu", "--no-amp", "--topk", "2", *wide, *converted],
+                         capsys)
+    assert code == 0, err
+    scores = [line.split(": ", 1)[1] for line in out.splitlines()]
+    assert len(scores) == 2 * len(wide) and scores[: len(wide)] == scores[len(wide) :], out
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU_32, Payload, fastfeat, make_cifar, refused
+from helpers import CPU_32, Payload, fastfeat_here, make_cifar, refused
 
 from fastfeat.cli import main
 from fastfeat.sources import open_dataset
@@ -73,33 +73,33 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_a_crafted_torch_file_is_refused_in_one_line(entry, data, head, tmp_path):
+def test_a_crafted_torch_file_is_refused_in_one_line(entry, data, head, tmp_path, capsys):
     command, what, argv = ENTRY_POINTS[entry]
     marker, folder = tmp_path / "MARKER", tmp_path / "out"
     evil = evil_torch_file(tmp_path / "evil.pt", marker)
     if entry == "finetune --resume":  # the crafted file as the run's last.pt
         folder.mkdir()
         evil = shutil.move(evil, folder / "last.pt")
-    done = fastfeat(command, *(a.format(evil=evil, data=data, head=head, dir=folder) for a in argv))
+    done = fastfeat_here(capsys, command, *(a.format(evil=evil, data=data, head=head, dir=folder) for a in argv))
     assert done.returncode == 2 and refused(done.stderr, command, what, evil, "tensors and plain values"), done.stderr
     assert not marker.exists()
 
 
-def test_a_plain_pickle_given_as_a_model_is_unreadable_in_one_line(tmp_path):
+def test_a_plain_pickle_given_as_a_model_is_unreadable_in_one_line(tmp_path, capsys):
     """Not a torch.save file (protocol 4 frames): the safe loader stops at the first unknown opcode."""
     marker, evil = tmp_path / "MARKER", tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"format": "fastfeat-finetune", "model": Payload(marker)}, protocol=4))
-    done = fastfeat("predict", "--model", evil, "--device", "cpu", "x.png")
+    done = fastfeat_here(capsys, "predict", "--model", evil, "--device", "cpu", "x.png")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"fastfeat predict: error: unreadable model file {evil}: ")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", ["data_batch_1", "batches.meta"])
-def test_a_crafted_cifar_batch_is_refused_in_one_line(name, tmp_path):
+def test_a_crafted_cifar_batch_is_refused_in_one_line(name, tmp_path, capsys):
     marker = tmp_path / "MARKER"
     root = evil_cifar(tmp_path / "cifar", name, marker)
-    done = fastfeat("cache", "--data", root, "--weights", "none", "--out", tmp_path / "c.h5", *QUIET)
+    done = fastfeat_here(capsys, "cache", "--data", root, "--weights", "none", "--out", tmp_path / "c.h5", *QUIET)
     path = root / "cifar-10-batches-py" / name
     assert done.returncode == 2 and refused(done.stderr, "cache", "CIFAR-10 file", path, "numpy arrays and plain values"), done.stderr
     assert not marker.exists() and not (tmp_path / "c.h5").exists()
