@@ -304,6 +304,7 @@ def test_timm_resnet18_end_to_end(photos, tmp_path):
 BLOCK_TIMM = "import sys; sys.modules['timm'] = None; from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_timm_arch_without_timm_is_one_line(photos, tmp_path):
     proc = subprocess.run([sys.executable, "-c", BLOCK_TIMM, "cache", "--arch", "timm:resnet18", "--data", str(photos),
                            "--weights", "none", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "t.h5")],

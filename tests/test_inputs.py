@@ -164,6 +164,7 @@ def test_finetune_resume_without_a_checkpoint_says_so_and_metrics_describe_the_r
 BLOCK_NVIDIA = "import sys; sys.modules['nvidia'] = None; from fastfeat.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_without_any_nvidia_package_cache_falls_back_to_torch(tmp_path):
     """CPU-only torch wheels and macOS have no `nvidia` package at all: auto must pick torch, not crash."""
     data = make_folder(tmp_path / "f")
@@ -197,6 +198,7 @@ def run_in_terminal(argv: list[str]) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_an_error_under_a_progress_bar_is_its_own_last_line(tmp_path):
     data = make_folder(tmp_path / "f", per_class=12)
     bad = data / "train" / "dog" / "zz.jpg"

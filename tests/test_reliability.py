@@ -141,6 +141,7 @@ def test_a_full_disk_is_one_line_and_resume_after_it_equals_one_run(data, refere
     same_cache(out, reference)
 
 
+@pytest.mark.slow
 def test_a_size_limit_reached_mid_run_is_one_line_and_resume_after_it_equals_one_run(data, reference, tmp_path):
     """The limit drops below the file's size once the train rows are written (a disk that fills although the
     space was allocated: copy-on-write file systems, quotas): no segmentation fault, the .partial kept."""
@@ -231,6 +232,7 @@ def test_every_command_checks_its_outputs_before_the_work(data, reference, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_saved_is_one_line(data, tmp_path):
     """torch's serializer failing under a size limit (it raised `unexpected pos` with a traceback)."""
     ckpt = tmp_path / "ft"
@@ -241,6 +243,7 @@ def test_a_checkpoint_that_cannot_be_saved_is_one_line(data, tmp_path):
     assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.tmp")) and not lock_path(ckpt).exists()
 
 
+@pytest.mark.slow
 def test_a_plot_that_cannot_be_saved_is_one_line_and_leaves_no_temporary(reference, tmp_path):
     """The head (a few KB) fits under the limit, a plot's PNG does not."""
     plots = tmp_path / "plots"
