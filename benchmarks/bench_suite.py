@@ -164,8 +164,10 @@ def table(runs: list[Run]) -> list[str]:
     return lines
 
 
-def notes(args: argparse.Namespace, runs: list[Run], loop: Loop, agree: tuple[int, int], cells: int) -> list[str]:
-    """What each row's seconds are, and what was measured rather than extrapolated."""
+def notes(args: argparse.Namespace, runs: list[Run], loop: Loop, agree: tuple[int, int], cells: int,
+          load: tuple[float, float]) -> list[str]:
+    """What each row's seconds are, what was measured rather than extrapolated, and how busy the machine was
+    (other work on the cores slows small probes many times over)."""
     suite, measured = runs[0], sum(wall for wall, _ in (*loop.caches.values(), *loop.cells.values()))
     archs, probes, shots = (value.split(",") for value in (args.archs, args.probes, args.shots))
     return ["", f"{cells} probe cells: {len(archs)} archs ({', '.join(archs)}) x {args.datasets} datasets x "
@@ -178,7 +180,8 @@ def notes(args: argparse.Namespace, runs: list[Run], loop: Loop, agree: tuple[in
             f"probe processes ({args.loop_trials} of {args.trials} trials) in {measured:.1f} s, the probe "
             f"processes scaled by {args.trials}/{args.loop_trials}; full-shot top-1 equal to the suite's in "
             f"{agree[0]} of {agree[1]} cells. Backbone per cell: extrapolated, not run: every cell one cache "
-            "process of its (arch, dataset) as the loop measured it, plus the suite's probe seconds."]
+            "process of its (arch, dataset) as the loop measured it, plus the suite's probe seconds. Load average "
+            f"(1 min) {load[0]:.2f} at the start, {load[1]:.2f} at the end."]
 
 
 def append(args: argparse.Namespace, lines: list[str]) -> None:
@@ -222,13 +225,14 @@ def parse_args() -> argparse.Namespace:
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     """Every run in `workdir`; the table and its notes printed, and returned with the rows."""
+    load = os.getloadavg()[0]
     data = make_datasets(workdir / "data", args.datasets, args.train_images, args.test_images)
     suite, rows = run_suite(args, data, workdir / "suite")
     loop = run_loop(args, data, workdir / "loop")
     cells = sum(row.probe != CACHE for row in rows.values())
     runs = [suite, loop_run(loop, args), per_cell_run(loop, suite, cells)]
     agree = agreement(loop, rows)
-    lines = table(runs) + notes(args, runs, loop, agree, cells)
+    lines = table(runs) + notes(args, runs, loop, agree, cells, (load, os.getloadavg()[0]))
     print("\n".join(lines), flush=True)
     return {"lines": lines, "cells": cells, "runs": [asdict(r) for r in runs], "agree": agree,
             "loop_processes_run": len(loop.caches) + len(loop.cells),
