@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -103,7 +104,8 @@ def machine() -> str:
 
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                   .stdout.splitlines() if line.startswith("Model name")), platform.processor())
-    return f"{model}, torch {torch.__version__} cpu capability {torch.backends.cpu.get_cpu_capability()}, 2 cores, no GPU"
+    return (f"{model}, torch {torch.__version__} cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{os.cpu_count()} cores, no GPU")
 
 
 def table(results: dict[int, dict[str, dict]]) -> list[str]:
