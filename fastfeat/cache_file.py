@@ -255,11 +255,13 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
         return bool(f.attrs.get("complete"))
 
 
-def _check_finite(path: Path, name: str, features: np.ndarray) -> None:
-    """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan."""
+def _check_finite(path: Path, name: str, features: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan.
+    `rows`: the file rows of `features` when they are not the split's first ones (a block)."""
     bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(axis=1))
     if len(bad):
-        raise InputError(f"{path}: {name} hold nan or inf in {len(bad)} row(s), the first is row {bad[0]}; "
+        first = bad[0] if rows is None else rows[bad].min()
+        raise InputError(f"{path}: {name} hold nan or inf in {len(bad)} row(s), the first is row {first}; "
                          "rebuild the cache (with --dtype float32 if float16 overflowed)")
 
 
@@ -438,22 +440,49 @@ def _describe_views(group: h5py.Group) -> dict:
             "view_seeds": json.loads(data.attrs["seeds"])}
 
 
+Range = tuple[int, int]  # file rows [start, stop)
+
+# A gathered block is up to PIECES_PER_BLOCK pieces, so a batch drawn from it mixes rows from as many places of
+# the file, but no piece is under MIN_PIECE_BYTES of stored features: each piece is one read call, and a call's
+# fixed cost would outweigh the copy of fewer bytes.
+PIECES_PER_BLOCK = 256
+MIN_PIECE_BYTES = 16 * 1024
+
+
+def piece_rows(block_rows: int, chunk: int, row_bytes: int) -> int:
+    """Rows a piece of a gathered block: the block cut into PIECES_PER_BLOCK equal pieces, or into fewer where
+    a piece of `row_bytes` rows would be under MIN_PIECE_BYTES; whole file chunks of `chunk` rows where a chunk
+    fits (every chunk then read whole, as a file-order pass reads it)."""
+    pieces = max(1, min(PIECES_PER_BLOCK, block_rows * row_bytes // MIN_PIECE_BYTES))
+    rows = block_rows // pieces
+    return rows // chunk * chunk if rows >= chunk else rows
+
+
 @dataclass(frozen=True)
 class Block:
-    """Rows [start, start + len(labels)) of a split: `features` (n, D) float32, `labels` (n,) int64 and,
-    when read with views, `views` (n, V, D) float32, on the reader's device."""
+    """Rows of a split: `rows` (n,) int64 their file rows (one contiguous range in a file-order pass, pieces
+    from all over the file in a gathered block), `features` (n, D) float32, `labels` (n,) int64 and, when read
+    with views, `views` (n, V, D) float32, all on the reader's device."""
 
-    start: int
+    rows: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
     views: torch.Tensor | None = None
 
+    def local(self, mask: torch.Tensor) -> torch.Tensor:
+        """The places in this block of the rows `mask` (a bool per file row) marks, in the block's order."""
+        return mask[self.rows].nonzero().squeeze(1)
+
 
 class BlockReader:
-    """A split of a complete cache read as contiguous row blocks, `block_rows` (a multiple of the file's
-    own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget) at a time, in any order of blocks; the next block
-    is read (and converted to float32, and pinned for a GPU) in a background thread while the caller works
-    on the current one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
+    """A split of a complete cache read as row blocks of at most `block_rows` rows (a multiple of the file's
+    own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget):
+    contiguous ones in file order (`blocks`), or blocks gathered from several row ranges each (`gathered`, of
+    `pieces`, `pieces_per_block` at a time), so a block mixes rows from all over the file at no more memory.
+    The next block is read (and converted to float32, and pinned for a GPU) in a background thread while the
+    caller works on the current one. The file is opened without HDF5's chunk cache: its chunks are unfiltered,
+    so a range's bytes are read straight from the file, while a cache would read (and evict) whole chunks for
+    pieces smaller than one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
 
     def __init__(self, path: str | Path, split: str, block_rows: int, device: torch.device | str = "cpu",
                  views: bool = False):
@@ -462,60 +491,82 @@ class BlockReader:
         self.path, self.split, self.device = Path(path), split, torch.device(device)
         f, _ = _open_cache(self.path)
         with f:
-            if split not in f or "features" not in f[split]:
+            if split not in f or "features" not in f[split] or "labels" not in f[split]:
                 raise InputError(f"{self.path} has no {split}/features and {split}/labels")
             data = f[split]["features"]
             self.rows, self.dim = data.shape
+            self._labels = f[split]["labels"][:]
             chunk = data.chunks[0] if data.chunks else 1
+            row_bytes = self.dim * data.dtype.itemsize
             self.views = views and "views" in f[split]
             self.view_names = json.loads(f[split]["views"].attrs.get("transforms", "[]")) if self.views else []
-        # whole chunks when a chunk fits the block, else contiguous parts of one (HDF5's chunk cache keeps it)
         self.block_rows = block_rows // chunk * chunk if block_rows >= chunk else max(1, block_rows)
+        self.piece_rows = piece_rows(self.block_rows, chunk, row_bytes)
+        self.pieces_per_block = self.block_rows // self.piece_rows
 
     @property
-    def starts(self) -> list[int]:
-        """The first row of every block, in file order."""
-        return list(range(0, self.rows, self.block_rows))
+    def pieces(self) -> list[Range]:
+        """The split cut into ranges of `piece_rows` rows (the last one may be short), in file order."""
+        return [(start, min(self.rows, start + self.piece_rows)) for start in range(0, self.rows, self.piece_rows)]
 
     def labels(self) -> np.ndarray:
-        """Every row's label (8 bytes a row: small beside the features)."""
-        with h5py.File(self.path, "r") as f:
-            return f[self.split]["labels"][:]
+        """Every row's label (8 bytes a row: small beside the features, so held in memory, and a block's
+        labels are taken from them rather than read piece by piece)."""
+        return self._labels
 
-    def blocks(self, starts: list[int] | None = None) -> Iterator[Block]:
-        """The blocks beginning at `starts` (default: all, in file order), one read ahead."""
+    def blocks(self) -> Iterator[Block]:
+        """Every row once, in contiguous blocks in file order, one read ahead."""
+        return self.gathered([[(start, min(self.rows, start + self.block_rows))]
+                              for start in range(0, self.rows, self.block_rows)])
+
+    def gathered(self, groups: list[list[Range]]) -> Iterator[Block]:
+        """One block per group, its ranges' rows concatenated in the group's order (a group holds at most
+        `block_rows` rows), one read ahead."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = self.starts if starts is None else list(starts)
-        with h5py.File(self.path, "r") as f, ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
+        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, \
+                ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
             group = f[self.split]
-            pending = pool.submit(self._read, group, order[0]) if order else None
-            for i in range(len(order)):
+            pending = pool.submit(self._read, group, groups[0]) if groups else None
+            for i in range(len(groups)):
                 block = pending.result()
-                pending = pool.submit(self._read, group, order[i + 1]) if i + 1 < len(order) else None
+                pending = pool.submit(self._read, group, groups[i + 1]) if i + 1 < len(groups) else None
                 yield self._to_device(block)
 
-    def _read(self, group: h5py.Group, start: int) -> Block:
+    def _read(self, group: h5py.Group, ranges: list[Range]) -> Block:
         """One block from the file, as float32 host tensors (pinned when bound for a GPU)."""
         import torch
 
-        stop = min(self.rows, start + self.block_rows)
-        arrays = [group["features"][start:stop], group["labels"][start:stop]]
-        if self.views:
-            arrays.append(group["views"][start:stop])
-        for name, array in zip(("features", "views"), arrays[::2]):
+        rows = np.concatenate([np.arange(start, stop) for start, stop in ranges])
+        names = ("features",) + (("views",) if self.views else ())
+        arrays = [_read_ranges(group[name], ranges, len(rows)) for name in names]
+        for name, array in zip(names, arrays):
             if not np.isfinite(array).all():
-                _check_finite(self.path, f"{self.split}/{name} rows {start}..{stop - 1}", array)
-        tensors = [torch.from_numpy(a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a) for a in arrays]
+                _check_finite(self.path, f"{self.split}/{name} of a streamed block", array, rows)
+        features, *views = (array.astype(np.float32, copy=False) for array in arrays)
+        tensors = [torch.from_numpy(a) for a in (rows, features, self._labels[rows], *views)]
         if self.device.type == "cuda":
             tensors = [t.pin_memory() for t in tensors]
-        return Block(start, *tensors)
+        return Block(*tensors)
 
     def _to_device(self, block: Block) -> Block:
         if self.device.type == "cpu":
             return block
         move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        return Block(block.start, move(block.features), move(block.labels), move(block.views))
+        return Block(move(block.rows), move(block.features), move(block.labels), move(block.views))
+
+
+def _read_ranges(data: h5py.Dataset, ranges: list[Range], rows: int) -> np.ndarray:
+    """The rows of `ranges` of `data`, concatenated: one contiguous read a range (a hyperslab union would be
+    one call, but HDF5 walks such a selection far slower than separate reads)."""
+    if len(ranges) == 1:
+        return data[ranges[0][0]:ranges[0][1]]
+    out = np.empty((rows, *data.shape[1:]), dtype=data.dtype)
+    at = 0
+    for start, stop in ranges:
+        out[at:at + stop - start] = data[start:stop]
+        at += stop - start
+    return out
 
 
 def split_shape(path: str | Path, split: str, views: bool = False) -> tuple[int, int]:
