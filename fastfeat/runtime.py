@@ -30,7 +30,8 @@ def loader_workers() -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks the current CUDA device when there is one, else the CPU."""
+    """`auto` picks the current CUDA device when there is one, else the CPU; resolving a CPU also makes
+    this process keep freed memory for its next batches (`keep_freed_memory`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

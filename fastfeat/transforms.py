@@ -10,10 +10,16 @@ from .settings import Augment
 from .spec import Preprocess
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Float NCHW pixels in [0, 1] -> standardised per channel, in one pass: x / std - mean / std."""
-    scale = 1 / torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return torch.addcmul(-torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * scale, images, scale)
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], white: float = 1.0,
+              channels: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float pixels in [0, `white`] -> standardised per channel, in one pass: x / (white std) - mean / std.
+    The channels are dimension `channels` (1: NCHW; -1: NHWC); `out` receives the result (float32 from
+    float64 pixels, say)."""
+    shape = [1] * images.dim()
+    shape[channels] = -1
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(shape)
+    shift = -torch.tensor(mean, dtype=images.dtype, device=images.device).view(shape) * (1 / std_t)
+    return torch.addcmul(shift, images, 1 / (white * std_t), out=out)
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -122,11 +128,10 @@ def eval_transform(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     n, channels, _, _ = images.shape
     crop = pre.image_size
     out = torch.empty(n, crop, crop, channels, device=images.device)
-    std = torch.tensor(pre.std, dtype=torch.float64, device=images.device)
-    scale, shift = 1 / (255 * std), -torch.tensor(pre.mean, dtype=torch.float64, device=images.device) / std
     chunk = n if images.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (crop * crop * channels * 8))
     for start in range(0, n, chunk):
-        torch.addcmul(shift, _resized_levels(images[start:start + chunk], pre), scale, out=out[start:start + chunk])
+        normalize(_resized_levels(images[start:start + chunk], pre), pre.mean, pre.std, white=255, channels=-1,
+                  out=out[start:start + chunk])
     return out.permute(0, 3, 1, 2)
 
 

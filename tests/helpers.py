@@ -69,12 +69,8 @@ def error_lines(stderr: str | list[str]) -> list[str]:
 
 def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
     """Run the CLI in-process: exit code, stdout and the non-empty stderr lines."""
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse's usage errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
+    done = fastfeat_here(capsys, *argv)
+    return done.returncode, done.stdout, [line for line in done.stderr.splitlines() if line.strip()]
 
 
 def one_line(argv: list[str], capsys, match: str, code: int = 2) -> str:
