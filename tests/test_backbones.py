@@ -205,6 +205,7 @@ def test_cache_head_predict_round_trip(arch, dim, photos, tmp_path):
     assert (got[:, 0].max() - got[:, 0].min()).item() > 0.05  # not a head that says the same for every image
 
 
+@pytest.mark.slow
 def test_a_resnet50_head_refuses_resnet18_features_in_one_line(photos, tmp_path, capsys):
     size = ["--image-size", "64", "--resize", "73", "--weights", "none", "--device", "cpu", "--loader", "torch"]
     heads = {}
@@ -244,7 +245,7 @@ def test_a_resnet50_head_refuses_resnet18_features_in_one_line(photos, tmp_path,
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])  # bilinear 256 -> 224; bicubic 256 -> 224
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])  # bilinear 256 -> 224; bicubic 256 -> 224
 def test_features_equal_the_weights_own_transforms(arch, loader, photos, tmp_path):
     tf, pre = preset(arch), preprocess_for(arch)
     assert (pre.resize, pre.image_size, pre.interpolation) == (tf.resize_size[0], tf.crop_size[0], tf.interpolation.value)
@@ -337,6 +338,7 @@ def test_bad_backbone_choices_are_one_line(extra, expected, photos, tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_resnet50_state_dict_is_not_resnet18_weights(photos, tmp_path, capsys):
     wrong = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), wrong)
@@ -478,6 +480,7 @@ def models_rows() -> list[dict]:
     return json.loads(out.getvalue())
 
 
+@pytest.mark.slow
 def test_models_json_describes_every_torchvision_arch(models_rows):
     archs = torchvision.models.list_models(module=torchvision.models)
     assert len(archs) == 80 and [r["arch"] for r in models_rows] == list(archs)
@@ -525,6 +528,7 @@ def test_the_meta_model_has_the_layout_of_the_model_cache_builds(arch):
     assert freeze_help(meta, arch) == freeze_help(real.model, arch), arch  # the stage and module names
 
 
+@pytest.mark.slow
 def test_models_table_has_a_header_and_a_row_per_arch(models_rows, capsys, monkeypatch):
     monkeypatch.setattr("fastfeat.backbone.describe_models", lambda: models_rows)  # the same rows, built once
     code, out, _ = run(["models"], capsys)

@@ -65,6 +65,7 @@ def test_plot_without_matplotlib_is_one_line_before_any_training(folder_cache, t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the plot extra) is not installed")
+@pytest.mark.slow
 def test_finetune_writes_the_last_models_test_predictions_and_its_plots(tmp_path, capsys):
     data = make_folder(tmp_path / "folder", per_class=4)
     code, _, err = run(["finetune", "--data", str(data), "--weights", "none", "--image-size", "32", "--resize", "36",

@@ -64,6 +64,7 @@ def finished(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_rows_equal_each_probe_run_alone(finished):
     table = rows(finished)
     assert len(table) == 52 and {r["status"] for r in table} == {"ok"}
@@ -86,6 +87,7 @@ def test_rows_equal_each_probe_run_alone(finished):
         assert (row["top5"] == "") == ("top5" not in report)
 
 
+@pytest.mark.slow
 def test_shots_are_class_balanced_and_validate_off_train(finished):
     full = read_cache(finished / "caches" / "shapes-resnet18.h5", ("train", "test"))
     for trial in (0, 1):
@@ -101,6 +103,7 @@ def test_shots_are_class_balanced_and_validate_off_train(finished):
     assert (finished / "summary.png").stat().st_size and (finished / "shots.png").stat().st_size
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_recomputes_nothing_finished(data, finished, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = suite_args(data, out, config_file(tmp_path))
@@ -169,6 +172,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(data, tmp_path, capsys):
     assert "compute: 24 backbone images" in printed and not out.exists()
 
 
+@pytest.mark.slow
 def test_finetune_is_opt_in_and_runs_at_full_shots_only(data, tmp_path, capsys):
     config = tmp_path / "ft.toml"
     config.write_text("[probes.knn]\nk = [1]\n[probes.finetune]\nepochs = 1\nbatch_size = 8\nrecompute_bn = 8\n")
