@@ -42,10 +42,10 @@ from .runtime import (
     compile_wanted,
     cuda_bf16_supported,
     host_arrays,
+    image_device,
     keep_freed_memory,
     loader_workers,
     precision_name,
-    resolve_device,
     synchronize,
 )
 from .settings import BenchOptions, CacheOptions, FinetuneOptions
@@ -388,7 +388,7 @@ def open_images(opts: BenchOptions, tmp: Path) -> tuple[Path, Dataset, str]:
 
 def benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda line: None) -> BenchResult:
     """Build once, warm up once, then time each stage `repeats` times, interleaved."""
-    device = resolve_device(opts.device)
+    device = image_device(opts.device)
     with tempfile.TemporaryDirectory(prefix="fastfeat-bench-") as tmp:
         root, dataset, described = open_images(opts, Path(tmp))
         log(f"data: {described}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .runtime import resolve_device
+from .runtime import image_device
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,11 @@ def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
     """Join torchrun's process group when launched by it; each rank gets its own GPU (LOCAL_RANK)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World(), resolve_device(device_name)
+        return World(), image_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
         device_name = f"cuda:{local_rank}"
-    device = resolve_device(device_name)
+    device = image_device(device_name)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -37,7 +37,7 @@ from .model_files import (
 from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
 from .reporting import epoch_line, progress
-from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, resolve_device
+from .runtime import CompiledOrEager, autocast, choose_precision, compile_wanted, image_device
 from .settings import FRESH_HEAD_SMOOTHING, SCHEDULES, Augment, FinetuneOptions
 from .sources import Split, open_dataset
 from .spec import FeatureSpec, plain
@@ -202,7 +202,7 @@ class Trainer:
     def __init__(self, opts: FinetuneOptions, classes: list[str], steps_per_epoch: int, world: World = World(),
                  device: torch.device | None = None):
         self.opts, self.world = opts, world
-        self.device = device or resolve_device(opts.device)
+        self.device = device or image_device(opts.device)
         self.precision = choose_precision(self.device, opts.amp, opts.amp_dtype)
         self.dtype = self.precision.dtype
         self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format

@@ -17,7 +17,7 @@ from .model_files import (
     head_from_state,
     read_model_file,
 )
-from .runtime import autocast, choose_precision, resolve_device
+from .runtime import autocast, choose_precision, image_device
 from .sources import open_dataset
 from .torch_loader import decode_file
 from .transforms import Preprocess, eval_transform, per_size
@@ -57,7 +57,7 @@ class Predictor:
     of the probabilities of each center crop and its mirror (as train-head's test-time flip)."""
 
     def __init__(self, classifier: Classifier, device: str = "auto", amp: bool = True, tta: bool = False):
-        self.device = resolve_device(device)
+        self.device = image_device(device)
         self.precision = choose_precision(self.device, amp)
         self.dtype = self.precision.dtype
         self.classifier = classifier

@@ -30,8 +30,7 @@ def loader_workers() -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks the current CUDA device when there is one, else the CPU; resolving a CPU also makes
-    this process keep freed memory for its next batches (`keep_freed_memory`)."""
+    """`auto` picks the current CUDA device when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -47,7 +46,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device("cuda", index)
     elif device.type != "cpu":
         raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    else:
+    return device
+
+
+def image_device(name: str = "auto") -> torch.device:
+    """The device of a job that runs batches of images through a backbone (cache, finetune, predict,
+    bench); on a CPU the process also keeps freed memory for its next batch (`keep_freed_memory`). Heads
+    and kNN only resolve theirs: kept memory would raise their streamed peak RSS (docs/precision.md)."""
+    device = resolve_device(name)
+    if device.type == "cpu":
         keep_freed_memory()
     return device
 

@@ -167,11 +167,11 @@ def _mmapped_bytes(libc) -> int:
 
 
 def test_cpu_runs_keep_large_blocks_in_the_heap(monkeypatch):
-    """After a CPU device is resolved, a 64 MB block comes from the heap, not from a fresh mmap."""
+    """After an image job resolves a CPU, a 64 MB block comes from the heap, not from a fresh mmap."""
     libc = ctypes.CDLL(None)
     if not sys.platform.startswith("linux") or not hasattr(libc, "mallinfo2"):
         pytest.skip("glibc >= 2.33 only")
-    runtime.resolve_device("cpu")
+    runtime.image_device("cpu")
     if runtime.keep_freed_memory() == "as set by the environment":
         pytest.skip("the environment sets the allocator")
     assert runtime.keep_freed_memory() == "glibc: one arena, freed memory kept"
