@@ -55,7 +55,8 @@ class StreamPlan:
         need = sum(split_bytes(cache, split, views) for split in splits)
         rows, row_values = split_shape(cache, "train", views)
         others = need - split_bytes(cache, "train", views)  # queries and evaluation splits stay in memory
-        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_values * 4 + 8), rows)
+        row_bytes = row_values * 4 + 16  # float32 values, and a block row's label and file row (int64 each)
+        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_bytes), rows)
 
     @property
     def streams(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +33,8 @@ from .errors import FastfeatError, InputError
 from .spec import FEATURE_DTYPES, FeatureSpec, plain
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
 CHUNK_ROWS = 1024
@@ -255,12 +257,24 @@ def finished_shard(path: Path, attrs: dict, split_rows: dict[str, int], dtype: s
         return bool(f.attrs.get("complete"))
 
 
-def _check_finite(path: Path, name: str, features: np.ndarray) -> None:
-    """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan."""
+def _check_finite(path: Path, name: str, features: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """Refuse nan or inf features (an fp16 overflow, a damaged file): a head would train on them to nan.
+    `rows`: the file rows of `features` when they are not the split's first ones (a block)."""
+    if np.isfinite(features).all():  # the common case, at a fraction of the cost of finding the rows
+        return
     bad = np.flatnonzero(~np.isfinite(features.reshape(len(features), -1)).all(axis=1))
     if len(bad):
-        raise InputError(f"{path}: {name} hold nan or inf in {len(bad)} row(s), the first is row {bad[0]}; "
+        first = bad[0] if rows is None else rows[bad].min()
+        raise InputError(f"{path}: {name} hold nan or inf in {len(bad)} row(s), the first is row {first}; "
                          "rebuild the cache (with --dtype float32 if float16 overflowed)")
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """`array` as float32, the dtype heads train in: torch converts float16 several times faster than numpy
+    (docs/results.md); float32 arrays are returned as they are."""
+    import torch
+
+    return torch.from_numpy(array).float().numpy()
 
 
 @dataclass(frozen=True)
@@ -307,7 +321,7 @@ def read_cache(path: str | Path, splits: tuple[str, ...] | None = ("train", "tes
         for split in splits:
             if split not in f or "features" not in f[split] or "labels" not in f[split]:
                 raise InputError(f"{path} has no {split}/features and {split}/labels")
-            features[split] = f[split]["features"][:].astype(np.float32)
+            features[split] = _as_float32(f[split]["features"][:])
             labels[split] = f[split]["labels"][:]
             if "files" in f[split]:
                 files[split] = f[split]["files"].asstr()[:].tolist()
@@ -438,84 +452,186 @@ def _describe_views(group: h5py.Group) -> dict:
             "view_seeds": json.loads(data.attrs["seeds"])}
 
 
+Range = tuple[int, int]  # file rows [start, stop)
+
+# A gathered block is up to PIECES_PER_BLOCK pieces, so a batch drawn from it mixes rows from as many places of
+# the file, but no piece is under MIN_PIECE_BYTES of stored features: each piece is one read call, and a call's
+# fixed cost would outweigh the copy of fewer bytes.
+PIECES_PER_BLOCK = 256
+MIN_PIECE_BYTES = 16 * 1024
+
+
+def piece_rows(block_rows: int, chunk: int, row_bytes: int) -> int:
+    """Rows a piece of a gathered block: the block cut into PIECES_PER_BLOCK equal pieces, or into fewer where
+    a piece of `row_bytes` rows would be under MIN_PIECE_BYTES; whole file chunks of `chunk` rows where a chunk
+    fits (every chunk then read whole, as a file-order pass reads it)."""
+    pieces = max(1, min(PIECES_PER_BLOCK, block_rows * row_bytes // MIN_PIECE_BYTES))
+    rows = block_rows // pieces
+    return rows // chunk * chunk if rows >= chunk else rows
+
+
 @dataclass(frozen=True)
 class Block:
-    """Rows [start, start + len(labels)) of a split: `features` (n, D) float32, `labels` (n,) int64 and,
-    when read with views, `views` (n, V, D) float32, on the reader's device."""
+    """Rows of a split: `rows` (n,) int64 their file rows (one contiguous range in a file-order pass, pieces
+    from all over the file in a gathered block), `features` (n, D) float32, `labels` (n,) int64 and, when read
+    with views, `views` (n, V, D) float32, all on the reader's device."""
 
-    start: int
+    rows: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
     views: torch.Tensor | None = None
 
+    def local(self, mask: torch.Tensor) -> torch.Tensor:
+        """The places in this block of the rows `mask` (a bool per file row) marks, in the block's order."""
+        return mask[self.rows].nonzero().squeeze(1)
+
 
 class BlockReader:
-    """A split of a complete cache read as contiguous row blocks, `block_rows` (a multiple of the file's
-    own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget) at a time, in any order of blocks; the next block
-    is read (and converted to float32, and pinned for a GPU) in a background thread while the caller works
-    on the current one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
+    """A split of a complete cache read as row blocks of at most `block_rows` rows (a multiple of the file's
+    own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget):
+    contiguous ones in file order (`blocks`), or blocks gathered from several row ranges each (`gathered`, of
+    `pieces`, `pieces_per_block` at a time), so a block mixes rows from all over the file at no more memory.
+    Where a core is free for it (`runtime.core_to_spare`), the next block is read (and converted to float32,
+    into pinned memory for a GPU) in a background thread while the caller works on the current one. The file is opened without HDF5's chunk cache: its chunks are unfiltered,
+    so a range's bytes are read straight from the file, while a cache would read (and evict) whole chunks for
+    pieces smaller than one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
 
     def __init__(self, path: str | Path, split: str, block_rows: int, device: torch.device | str = "cpu",
                  views: bool = False):
         import torch
 
+        from .runtime import core_to_spare
+
         self.path, self.split, self.device = Path(path), split, torch.device(device)
+        self.read_ahead = core_to_spare(self.device)
         f, _ = _open_cache(self.path)
         with f:
-            if split not in f or "features" not in f[split]:
+            if split not in f or "features" not in f[split] or "labels" not in f[split]:
                 raise InputError(f"{self.path} has no {split}/features and {split}/labels")
             data = f[split]["features"]
             self.rows, self.dim = data.shape
+            self._labels = f[split]["labels"][:]
             chunk = data.chunks[0] if data.chunks else 1
+            row_bytes = self.dim * data.dtype.itemsize
             self.views = views and "views" in f[split]
             self.view_names = json.loads(f[split]["views"].attrs.get("transforms", "[]")) if self.views else []
-        # whole chunks when a chunk fits the block, else contiguous parts of one (HDF5's chunk cache keeps it)
         self.block_rows = block_rows // chunk * chunk if block_rows >= chunk else max(1, block_rows)
+        self.piece_rows = piece_rows(self.block_rows, chunk, row_bytes)
+        self.pieces_per_block = self.block_rows // self.piece_rows
 
     @property
-    def starts(self) -> list[int]:
-        """The first row of every block, in file order."""
-        return list(range(0, self.rows, self.block_rows))
+    def pieces(self) -> list[Range]:
+        """The split cut into ranges of `piece_rows` rows (the last one may be short), in file order."""
+        return [(start, min(self.rows, start + self.piece_rows)) for start in range(0, self.rows, self.piece_rows)]
 
     def labels(self) -> np.ndarray:
-        """Every row's label (8 bytes a row: small beside the features)."""
-        with h5py.File(self.path, "r") as f:
-            return f[self.split]["labels"][:]
+        """Every row's label (8 bytes a row: small beside the features, so held in memory, and a block's
+        labels are taken from them rather than read piece by piece)."""
+        return self._labels
 
-    def blocks(self, starts: list[int] | None = None) -> Iterator[Block]:
-        """The blocks beginning at `starts` (default: all, in file order), one read ahead."""
+    def blocks(self) -> Iterator[Block]:
+        """Every row once, in contiguous blocks in file order, one read ahead."""
+        return self.gathered([[(start, min(self.rows, start + self.block_rows))]
+                              for start in range(0, self.rows, self.block_rows)])
+
+    def gathered(self, groups: list[list[Range]]) -> Iterator[Block]:
+        """One block per group, its ranges' rows concatenated in the group's order (a group holds at most
+        `block_rows` rows), one read ahead. A block is valid until the next one is drawn: the blocks of a
+        pass take turns in two buffers (callers copy what they keep)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = self.starts if starts is None else list(starts)
-        with h5py.File(self.path, "r") as f, ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
+        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, \
+                ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
             group = f[self.split]
-            pending = pool.submit(self._read, group, order[0]) if order else None
-            for i in range(len(order)):
+            size = min(self.rows, max((sum(b - a for a, b in ranges) for ranges in groups), default=0))
+            slots, staging = [self._slot(group, size) for _ in range(2)], self._staging(group, size)
+            submit = pool.submit if self.read_ahead else _run_now
+            read = lambda i: submit(self._read, group, groups[i], slots[i % 2], staging)  # noqa: E731
+            pending = read(0) if groups else None
+            for i in range(len(groups)):
                 block = pending.result()
-                pending = pool.submit(self._read, group, order[i + 1]) if i + 1 < len(order) else None
-                yield self._to_device(block)
+                pending = read(i + 1) if i + 1 < len(groups) else None
+                yield self._to_device(block, slots[i % 2])
 
-    def _read(self, group: h5py.Group, start: int) -> Block:
-        """One block from the file, as float32 host tensors (pinned when bound for a GPU)."""
+    def _names(self) -> tuple[str, ...]:
+        return ("features",) + (("views",) if self.views else ())
+
+    def _slot(self, group: h5py.Group, rows: int) -> _Slot:
+        """Float32 host buffers for `rows` rows of each read dataset (pinned for a GPU)."""
         import torch
 
-        stop = min(self.rows, start + self.block_rows)
-        arrays = [group["features"][start:stop], group["labels"][start:stop]]
-        if self.views:
-            arrays.append(group["views"][start:stop])
-        for name, array in zip(("features", "views"), arrays[::2]):
-            if not np.isfinite(array).all():
-                _check_finite(self.path, f"{self.split}/{name} rows {start}..{stop - 1}", array)
-        tensors = [torch.from_numpy(a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a) for a in arrays]
-        if self.device.type == "cuda":
-            tensors = [t.pin_memory() for t in tensors]
-        return Block(start, *tensors)
+        pinned = self.device.type == "cuda"
+        empty = lambda name: torch.empty(rows, *group[name].shape[1:], pin_memory=pinned)  # noqa: E731
+        return _Slot({name: empty(name) for name in self._names()})
 
-    def _to_device(self, block: Block) -> Block:
+    def _staging(self, group: h5py.Group, rows: int) -> dict[str, np.ndarray | None]:
+        """Per read dataset, the stored-dtype buffer its rows are read into before conversion (one read
+        is in flight at a time, so both slots share it); None where the file holds float32."""
+        return {name: None if group[name].dtype == np.float32 else
+                np.empty((rows, *group[name].shape[1:]), dtype=group[name].dtype) for name in self._names()}
+
+    def _read(self, group: h5py.Group, ranges: list[Range], slot: _Slot, staging: dict) -> Block:
+        """One block from the file into `slot`, as float32 host tensors."""
+        import torch
+
+        rows = np.concatenate([np.arange(start, stop) for start, stop in ranges])
+        if slot.copied is not None:
+            slot.copied.synchronize()  # its last block's copy to the GPU has finished
+        arrays = {}
+        for name, buffer in slot.buffers.items():
+            dest = buffer[:len(rows)]
+            raw = dest.numpy() if staging[name] is None else staging[name][:len(rows)]
+            _read_ranges(group[name], ranges, raw)
+            if staging[name] is not None:
+                dest.copy_(torch.from_numpy(raw))
+            if not torch.isfinite(dest.sum()):  # a sum is finite where every value is (an overflow: see the rows)
+                _check_finite(self.path, f"{self.split}/{name} of a streamed block", dest.numpy(), rows)
+            arrays[name] = dest
+        return Block(torch.from_numpy(rows), arrays["features"], torch.from_numpy(self._labels[rows]),
+                     arrays.get("views"))
+
+    def _to_device(self, block: Block, slot: _Slot) -> Block:
+        import torch
+
         if self.device.type == "cpu":
             return block
         move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        return Block(block.start, move(block.features), move(block.labels), move(block.views))
+        moved = Block(move(block.rows), move(block.features), move(block.labels), move(block.views))
+        slot.copied = torch.cuda.Event()
+        slot.copied.record()
+        return moved
+
+
+def _run_now(fn: Callable[..., Block], *args) -> Future:
+    """`fn(*args)` run at once, as a done future: a pool's `submit` without the pool."""
+    from concurrent.futures import Future
+
+    done: Future = Future()
+    done.set_result(fn(*args))
+    return done
+
+
+@dataclass
+class _Slot:
+    """Host memory a block of a pass is read into, reused by every other block: a fresh tensor of a block's
+    size each time costs page faults that take longer than reading it (docs/results.md). `copied`: on a GPU,
+    the event of its last copy there, waited for before it is rewritten."""
+
+    buffers: dict[str, torch.Tensor]
+    copied: torch.cuda.Event | None = None
+
+
+def _read_ranges(data: h5py.Dataset, ranges: list[Range], out: np.ndarray) -> None:
+    """The rows of `ranges` of `data`, concatenated into `out`: one contiguous read a range (a hyperslab
+    union would be one call, but HDF5 walks such a selection far slower than separate reads; for small
+    ranges slicing costs less per call than `read_direct`, which a single range uses to skip a copy)."""
+    if len(ranges) == 1:
+        data.read_direct(out, np.s_[ranges[0][0]:ranges[0][1]], np.s_[:len(out)])
+        return
+    at = 0
+    for start, stop in ranges:
+        out[at:at + stop - start] = data[start:stop]
+        at += stop - start
 
 
 def split_shape(path: str | Path, split: str, views: bool = False) -> tuple[int, int]:

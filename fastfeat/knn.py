@@ -31,6 +31,7 @@ from .cache_file import Block, BlockReader, read_cache, read_views
 from .errors import InputError
 from .evaluation import classification_report
 from .head import check_labels, load_features, own_val_split, validation_plan
+from .rows import row_mask
 from .runtime import resolve_device
 from .settings import SIMILARITY_BYTES, KnnOptions
 from .validation import ValidationPlan
@@ -209,10 +210,9 @@ def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, 
                              torch.from_numpy(flips[s]).to(device) if tta else None) for s in query_splits}
     allowed = None
     if held is not None:
-        held_t = torch.from_numpy(held).to(device)
-        queries["val"] = queries_of(*gather_rows(with_views if tta else reader, held_t, train_flip if tta else None))
-        allowed = torch.ones(reader.rows, dtype=torch.bool, device=device)
-        allowed[held_t] = False
+        held_t, held_mask = torch.from_numpy(held).to(device), row_mask(held, reader.rows, device)
+        queries["val"] = queries_of(*gather_rows(with_views if tta else reader, held_mask, train_flip if tta else None))
+        allowed = ~held_mask
     sets = [(q, None if s == "test" or validation == "val" else allowed) for s in queries for q in queries[s]]
     found = streamed_neighbours(reader.blocks(), sets, opts.k[-1])
     shares_of = [neighbour_shares(sims, train_y[idx], opts.k, opts.temperature, len(classes)) for sims, idx in found]
@@ -233,11 +233,11 @@ def queries_of(x: torch.Tensor, flips: torch.Tensor | None) -> list[torch.Tensor
     return [F.normalize(v.float(), dim=1) for v in (x, flips) if v is not None]
 
 
-def gather_rows(reader: BlockReader, rows: torch.Tensor, flip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The features (and flips, view `flip`) of the sorted train `rows`, picked from each block by index."""
+def gather_rows(reader: BlockReader, mask: torch.Tensor, flip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The features (and flips, view `flip`) of the train rows `mask` marks, in file order, picked from each block."""
     features, flips = [], []
     for block in reader.blocks():
-        local = rows[(rows >= block.start) & (rows < block.start + len(block.labels))] - block.start
+        local = block.local(mask)
         features.append(block.features[local])
         if flip is not None:
             flips.append(block.views[local, flip])
@@ -252,12 +252,12 @@ def streamed_neighbours(blocks: Iterable[Block], query_sets: list[tuple[torch.Te
     for block in blocks:
         x = F.normalize(block.features, dim=1)
         for i, (queries, allowed) in enumerate(query_sets):
-            rows = None if allowed is None else allowed[block.start:block.start + len(x)].nonzero().squeeze(1)
+            rows = None if allowed is None else block.local(allowed)
             part = x if rows is None else x[rows]
             if len(part) == 0:
                 continue
             sims, idx = blocked_top(queries, part, k)
-            idx = (idx if rows is None else rows[idx]) + block.start
+            idx = block.rows[idx if rows is None else rows[idx]]
             best[i] = (sims, idx) if best[i] is None else merge_top(*best[i], sims, idx, k)
     return best
 

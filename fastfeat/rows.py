@@ -2,16 +2,17 @@
 one interface, so `linear.py` and `sweep.py` run the same training code on both.
 
 - `shuffled(batch_size, generator)`: one epoch's mini-batches. In memory, a `torch.randperm` of the rows;
-  streamed, a two-level shuffle: a seeded permutation of the file's blocks, then one of the rows inside
-  each block, the batches carried across block boundaries, so every row is read once per epoch in batches
-  of the in-memory size (docs/design.md says how this differs from a full shuffle).
+  streamed, a seeded permutation of small contiguous pieces of the file, read a block's worth of pieces at a
+  time (each block gathered from all over the file), then one of the rows inside each block, the batches
+  carried across block boundaries, so every row is read once per epoch in batches of the in-memory size
+  (docs/design.md says how this compares with a full shuffle).
 - `passes()`: every row once, in file order, as (x, y) parts (full-batch L-BFGS, train evaluation).
 - `stats()`: the per-feature mean and std the head standardises with (of the center crops).
 - `start_epoch(epoch)`: the epoch's views of the rows (`views.ViewChoices`), when there are views.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -24,14 +25,20 @@ if TYPE_CHECKING:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def feature_stats(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std (constant features get std 1). Two passes over row blocks:
+def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (constant features get std 1)."""
+    mean, squares = feature_moments(x)
+    return mean, safe_std((squares / max(len(x) - 1, 1)).sqrt())
+
+
+def feature_moments(x: torch.Tensor, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and sum of squared deviations from it, in two passes over row blocks:
     `torch.std(x, 0)` is much slower on a CPU."""
     mean = x.mean(0)
     squares = torch.zeros_like(mean)
     for block in x.split(rows):
         squares += (block - mean).square().sum(0)
-    return mean, safe_std((squares / max(len(x) - 1, 1)).sqrt())
+    return mean, squares
 
 
 def safe_std(std: torch.Tensor) -> torch.Tensor:
@@ -76,14 +83,11 @@ class StreamedRows:
 
     def __init__(self, reader: BlockReader, keep: np.ndarray | None, labels: np.ndarray,
                  sampler: ViewChoices | None = None):
-        mask = np.ones(reader.rows, dtype=bool)
-        if keep is not None:
-            mask[:] = False
-            mask[keep] = True
         self.reader, self.sampler, self.device, self.dim = reader, sampler, reader.device, reader.dim
-        self.mask = torch.from_numpy(mask).to(self.device)
-        self.position = torch.from_numpy(np.cumsum(mask) - 1).to(self.device)  # a file row's place among the kept
-        self.y = torch.from_numpy(labels[mask]).to(self.device)
+        self.mask = (torch.ones(reader.rows, dtype=torch.bool, device=self.device) if keep is None else
+                     row_mask(keep, reader.rows, self.device))
+        self.position = self.mask.cumsum(0) - 1  # a file row's place among the kept
+        self.y = torch.from_numpy(labels).to(self.device)[self.mask]
         self.rows = len(self.y)
         self.choice: torch.Tensor | None = None
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,16 +96,27 @@ class StreamedRows:
         self.choice = None if self.sampler is None else self.sampler.read(epoch)
 
     def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        starts = self.reader.starts
-        order = torch.randperm(len(starts), generator=generator, device=generator.device).tolist()
-
-        def parts() -> Iterator[Batch]:
-            for block in self.reader.blocks([starts[i] for i in order]):
-                local = self._kept(block)
-                local = local[torch.randperm(len(local), generator=generator, device=generator.device)]
-                yield self._rows(block, local), block.labels[local]
-
-        return batched(parts(), batch_size)
+        """Batches carried across blocks, each valid until the next is drawn (one reused buffer, as in memory)."""
+        reader = self.reader
+        pieces, per_block = reader.pieces, reader.pieces_per_block
+        order = torch.randperm(len(pieces), generator=generator, device=generator.device).tolist()
+        groups = [sorted(pieces[i] for i in order[at:at + per_block]) for at in range(0, len(order), per_block)]
+        buffer = torch.empty(min(batch_size, self.rows), self.dim, device=self.device)
+        labels: list[torch.Tensor] = []
+        filled = 0
+        for block in reader.gathered(groups):  # each group's pieces in file order: the reads run forward
+            local = self._kept(block)
+            local = local[torch.randperm(len(local), generator=generator, device=generator.device)]
+            while len(local):
+                take, local = local[:batch_size - filled], local[batch_size - filled:]
+                self._rows_into(block, take, buffer[filled:filled + len(take)])
+                labels.append(block.labels[take])
+                filled += len(take)
+                if filled == batch_size:
+                    yield buffer, torch.cat(labels)
+                    labels, filled = [], 0
+        if filled:
+            yield buffer[:filled], torch.cat(labels)
 
     def passes(self) -> Iterator[Batch]:
         for block in self.reader.blocks():
@@ -116,36 +131,49 @@ class StreamedRows:
 
     def scan(self, held: np.ndarray | None, flip: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One pass in file order: the kept rows' center statistics (`stats`), and the features (and, with a
-        `flip` view index, flips) of the `held` file rows, which are never among the kept ones."""
+        `flip` view index, flips) of the `held` file rows (sorted), which are never among the kept ones."""
         from .cache_file import BlockReader
 
         reader = self.reader if flip is None else BlockReader(self.reader.path, self.reader.split,
                                                               self.reader.block_rows, self.device, views=True)
-        held_t = None if held is None else torch.from_numpy(held).to(self.device)
+        held_mask = None if held is None else row_mask(held, self.reader.rows, self.device)
         stats, features, flips = RunningStats(self.dim, self.device), [], []
         for block in reader.blocks():
             stats.add(block.features[self._kept(block)])
-            if held_t is not None:
-                local = held_t[(held_t >= block.start) & (held_t < block.start + len(block.labels))] - block.start
+            if held_mask is not None:
+                local = block.local(held_mask)
                 features.append(block.features[local])
                 if flip is not None:
                     flips.append(block.views[local, flip])
         self._stats = stats.result()
-        return (torch.cat(features) if held_t is not None else None), (torch.cat(flips) if flips else None)
+        return (torch.cat(features) if held_mask is not None else None), (torch.cat(flips) if flips else None)
 
     def _kept(self, block: Block) -> torch.Tensor:
-        return self.mask[block.start:block.start + len(block.labels)].nonzero().squeeze(1)
+        return block.local(self.mask)
+
+    def _rows_into(self, block: Block, local: torch.Tensor, out: torch.Tensor) -> None:
+        if self.choice is None:
+            torch.index_select(block.features, 0, local, out=out)
+        else:
+            out.copy_(self._rows(block, local))
 
     def _rows(self, block: Block, local: torch.Tensor) -> torch.Tensor:
         """The block's rows `local` as this epoch reads them: the center crop, or each row's chosen view."""
         if self.choice is None:
             return block.features[local]
-        choice = self.choice[self.position[block.start + local]]
+        choice = self.choice[self.position[block.rows[local]]]
         table = torch.cat([block.features[local, None], block.views[local]], 1)
         return table[torch.arange(len(local), device=local.device), choice]
 
 
 TrainRows = Union[TensorRows, StreamedRows]
+
+
+def row_mask(rows: np.ndarray, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool per file row of `count`, set at `rows`: what `Block.local` picks a block's rows with."""
+    mask = torch.zeros(count, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(rows, device=device)] = True
+    return mask
 
 
 def as_rows(x: torch.Tensor | StreamedRows, y: torch.Tensor, sampler: ViewSampler | ViewChoices | None) -> TrainRows:
@@ -154,29 +182,9 @@ def as_rows(x: torch.Tensor | StreamedRows, y: torch.Tensor, sampler: ViewSample
     return x if isinstance(x, StreamedRows) else TensorRows(x, y, sampler)
 
 
-def batched(parts: Iterable[Batch], size: int) -> Iterator[Batch]:
-    """Batches of `size` rows from consecutive (x, y) parts, carried across the parts' boundaries (only the
-    last batch may be short): the in-memory path's batch sizes and step count."""
-    left: Batch | None = None
-    for x, y in parts:
-        if left is not None:
-            need = size - len(left[1])
-            left = torch.cat([left[0], x[:need]]), torch.cat([left[1], y[:need]])
-            x, y = x[need:], y[need:]
-            if len(left[1]) < size:
-                continue
-            yield left
-        full = len(y) // size * size
-        if full:  # (splitting nothing gives one empty part)
-            yield from zip(x[:full].split(size), y[:full].split(size))
-        left = (x[full:], y[full:]) if full < len(y) else None
-    if left is not None and len(left[1]):
-        yield left
-
-
 class RunningStats:
-    """Per-feature mean and std over row blocks in one pass (Chan et al.'s merge of block means and squared
-    deviations, in float64): the streamed `feature_stats`."""
+    """Per-feature mean and std over row blocks in one pass: each block's `feature_moments` (float32, as in
+    memory), merged in float64 by Chan et al.'s formula: the streamed `feature_stats`."""
 
     def __init__(self, dim: int, device: torch.device):
         self.count, self.mean = 0, torch.zeros(dim, dtype=torch.float64, device=device)
@@ -185,10 +193,9 @@ class RunningStats:
     def add(self, x: torch.Tensor) -> None:
         if len(x) == 0:
             return
-        x = x.double()
-        mean = x.mean(0)
+        mean, squares = (moment.double() for moment in feature_moments(x))
         delta, total = mean - self.mean, self.count + len(x)
-        self.squares += (x - mean).square().sum(0) + delta.square() * (self.count * len(x) / total)
+        self.squares += squares + delta.square() * (self.count * len(x) / total)
         self.mean += delta * (len(x) / total)
         self.count = total
 

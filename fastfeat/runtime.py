@@ -24,9 +24,20 @@ MAX_LOADER_WORKERS = 16
 def loader_workers() -> int:
     """Decode workers (DataLoader processes, DALI threads): this process's share of the CPU cores it
     may run on, split between the ranks torchrun started on this node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(MAX_LOADER_WORKERS, cores // ranks_here))
+    return max(1, min(MAX_LOADER_WORKERS, usable_cores() // ranks_here))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def core_to_spare(device: torch.device) -> bool:
+    """Whether a helper thread's CPU work (reading the next block) runs beside the math rather than taking
+    cores from it: on a GPU, or where torch's threads leave a core free. On 2 cores that torch's two threads
+    use, a read-ahead thread made streamed epochs slower than reading in turn (docs/results.md)."""
+    return device.type == "cuda" or torch.get_num_threads() < usable_cores()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -12,7 +12,8 @@ from helpers import run, separable, write_cache
 
 import fastfeat.linear as linear_module
 from fastfeat.budget import StreamPlan
-from fastfeat.cache_file import BlockReader
+from fastfeat.cache_file import MIN_PIECE_BYTES, PIECES_PER_BLOCK, Block, BlockReader, piece_rows
+from fastfeat.errors import InputError
 from fastfeat.head import HeadOptions, train_head
 from fastfeat.knn import KnnOptions, knn_evaluate
 from fastfeat.model_files import load_head
@@ -32,21 +33,51 @@ def cache(tmp_path):
     return write_cache(tmp_path / "c.h5", {"train": train, "test": test}, views=views)
 
 
-def test_blocks_are_contiguous_and_cover_every_row_once(cache):
+def kept(block: Block) -> Block:
+    """A copy of `block` that outlives the next one drawn (whose read reuses its memory)."""
+    return Block(*(None if t is None else t.clone() for t in (block.rows, block.features, block.labels, block.views)))
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_blocks_are_contiguous_and_cover_every_row_once(cache, read_ahead):
     reader = BlockReader(cache, "train", 48, views=True)
-    assert reader.block_rows == 48 and reader.starts == list(range(0, 400, 48)) and reader.view_names == ["flip"]
-    order = list(reversed(reader.starts))
-    blocks = list(reader.blocks(order))
-    assert [b.start for b in blocks] == order
-    seen = torch.cat([torch.arange(b.start, b.start + len(b.labels)) for b in blocks])
-    assert sorted(seen.tolist()) == list(range(400))
-    by_start = {b.start: b for b in blocks}
-    features = torch.cat([by_start[s].features for s in reader.starts])
+    reader.read_ahead = read_ahead  # a thread reads the next block, or each is read when drawn
+    assert reader.block_rows == 48 and reader.view_names == ["flip"]
+    blocks = [kept(b) for b in reader.blocks()]
+    assert [b.rows.tolist() for b in blocks] == [list(range(a, min(400, a + 48))) for a in range(0, 400, 48)]
+    x, y = separable(400, np.random.default_rng(0))
+    features = torch.cat([b.features for b in blocks])
+    assert features.dtype == torch.float32 and torch.equal(features, torch.from_numpy(x.astype(np.float32)))
+    assert torch.equal(torch.cat([b.labels for b in blocks]), torch.from_numpy(y))
+    assert blocks[-1].views.shape == (400 - 8 * 48, 1, 512)
+
+
+def test_a_gathered_block_concatenates_its_ranges(cache):
+    reader = BlockReader(cache, "train", 48, views=True)
+    x, y = separable(400, np.random.default_rng(0))
+    groups = [[(390, 400), (0, 8), (200, 230)], [(57, 58)]]
+    for block, ranges in zip(reader.gathered(groups), groups, strict=True):
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        assert block.rows.tolist() == rows.tolist() and torch.equal(block.labels, torch.from_numpy(y[rows]))
+        assert torch.equal(block.features, torch.from_numpy(x[rows].astype(np.float32)))
+        assert block.views.shape == (len(rows), 1, 512) and block.views.dtype == torch.float32
+
+
+def test_pieces_are_small_many_and_whole_chunks_where_a_chunk_fits():
+    assert piece_rows(10240, 1024, 1024) * PIECES_PER_BLOCK == 10240  # as many pieces as allowed
+    assert piece_rows(1024, 1024, 1024) * 1024 == piece_rows(1024, 1024, 2048) * 2048 == MIN_PIECE_BYTES
+    assert piece_rows(10, 1024, 1024) == 10  # a block smaller than a minimal piece is one piece
+    assert piece_rows(2**20, 1024, 1024) == 4096 and piece_rows(300_000, 1024, 1024) == 1024  # whole chunks
+
+
+def test_a_non_finite_row_is_refused_by_its_file_row(tmp_path):
     rng = np.random.default_rng(0)
     x, y = separable(400, rng)
-    assert features.dtype == torch.float32 and torch.equal(features, torch.from_numpy(x.astype(np.float32)))
-    assert torch.equal(torch.cat([by_start[s].labels for s in reader.starts]), torch.from_numpy(y))
-    assert blocks[0].views.shape == (400 - order[0], 1, 512)
+    x[300, 7] = np.inf
+    cache = write_cache(tmp_path / "inf.h5", {"train": (x, y), "test": separable(50, rng)})
+    with pytest.raises(InputError, match=r"train/features of a streamed block hold nan or inf in 1 row\(s\), "
+                                         r"the first is row 300;"):
+        list(BlockReader(cache, "train", 48).gathered([[(350, 400), (290, 310)]]))
 
 
 def test_plan_streams_only_over_budget(cache):
@@ -125,7 +156,7 @@ def test_the_streamed_lbfgs_objective_is_the_full_batch_one(cache):
 
     reader = BlockReader(cache, "train", 48)
     labels = reader.labels()
-    x = torch.cat([block.features for block in reader.blocks()])
+    x = torch.cat([block.features.clone() for block in reader.blocks()])
     head = LinearHead(512, 3, x.mean(0), x.std(0) + 1)
     torch.nn.init.normal_(head.fc.weight, std=0.1)
 
@@ -201,3 +232,54 @@ def test_a_streamed_epoch_reads_every_fit_row_once_and_no_held_out_row(numbered,
     assert epochs[0] != epochs[1]
     if not extra:  # the single head validates every epoch on the held-out rows, and only them
         assert validated and all(sorted(rows) == sorted(held) for rows in validated[:3])
+
+
+SORTED_ROWS, SORTED_CLASSES = 4000, 10
+
+
+@pytest.fixture
+def sorted_cache(tmp_path):
+    """A train split sorted by label (as a folder dataset is cached: class by class) whose first two features
+    give each row's number (exact in float16)."""
+    y = np.repeat(np.arange(SORTED_CLASSES), SORTED_ROWS // SORTED_CLASSES)
+    x = np.random.default_rng(2).normal(0, 1, (SORTED_ROWS, 512)).astype(np.float16)
+    x[:, 0], x[:, 1] = np.arange(SORTED_ROWS) // 64, np.arange(SORTED_ROWS) % 64
+    path = write_cache(tmp_path / "sorted.h5", {"train": (x, y), "test": (x[:10], y[:10])},
+                       classes=[str(c) for c in range(SORTED_CLASSES)])
+    return path, y
+
+
+def streamed_epoch(rows: StreamedRows, labels: np.ndarray, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """One epoch of `rows.shuffled` as each batch's file rows (its labels checked against them)."""
+    batches = []
+    for x, y in rows.shuffled(batch_size, torch.Generator().manual_seed(seed)):
+        batches.append((x[:, 0] * 64 + x[:, 1]).long())
+        assert torch.equal(y, torch.from_numpy(labels)[batches[-1]])
+    return batches
+
+
+def test_a_streamed_batch_mixes_the_classes_of_a_class_sorted_file(sorted_cache):
+    """Blocks of a quarter of the split: shuffling the blocks, then the rows inside each, would give batches
+    of one or two classes; gathered blocks give nearly as many classes a batch as a full shuffle."""
+    path, y = sorted_cache
+    rows = StreamedRows(BlockReader(path, "train", SORTED_ROWS // 4), None, y)
+    classes = lambda batches: np.mean([len(np.unique(y[b.numpy()])) for b in batches])  # noqa: E731
+    full = classes(torch.randperm(SORTED_ROWS, generator=torch.Generator().manual_seed(0)).split(64))
+    streamed = classes(streamed_epoch(rows, y, 64, 0))
+    assert streamed >= 0.8 * full, (streamed, full)
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_a_streamed_epoch_is_every_kept_row_once_in_one_order_a_seed(sorted_cache, read_ahead):
+    path, y = sorted_cache
+    held = np.sort(np.random.default_rng(3).choice(SORTED_ROWS, 500, replace=False))
+    keep = np.setdiff1d(np.arange(SORTED_ROWS), held)
+    reader = BlockReader(path, "train", SORTED_ROWS // 4)
+    reader.read_ahead = read_ahead
+    rows = StreamedRows(reader, keep, y)
+    batches = streamed_epoch(rows, y, 100, 0)
+    order = torch.cat(batches)
+    assert sorted(order.tolist()) == keep.tolist()  # every kept row once, no held-out row
+    assert [len(b) for b in batches[:-1]] == [100] * (len(batches) - 1) and len(batches) == -(-len(keep) // 100)
+    assert torch.equal(order, torch.cat(streamed_epoch(rows, y, 100, 0)))
+    assert not torch.equal(order, torch.cat(streamed_epoch(rows, y, 100, 1)))
