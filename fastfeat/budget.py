@@ -10,6 +10,7 @@ import torch
 from .settings import GPU_SHARE, HOST_SHARE
 
 IN_MEMORY_COPIES = 2  # the in-memory path holds the features and about one working copy (standardised, gathered)
+HELD_SHARE = 4  # a streamed run with a holdout keeps its held-out rows in memory if they take under 1/4 of the budget
 
 
 def available_bytes(device: torch.device) -> int:
@@ -38,25 +39,33 @@ def block_rows(budget: int, row_bytes: int, held: int = 3) -> int:
 @dataclass(frozen=True)
 class StreamPlan:
     """Whether a command's features fit its budget in memory (then nothing changes), and if not, the train
-    split's rows per streamed block."""
+    split's rows per streamed block, and whether rows held out of train for validation stay in memory."""
 
     budget: int
     need: int
     block_rows: int
     rows: int
+    holdout: bool = False
 
     @classmethod
     def for_splits(cls, cache: str, splits: tuple[str, ...], budget: int | None, device: torch.device,
-                   views: bool = False) -> StreamPlan:
-        """The plan for holding `splits` of `cache` (with their views) as float32 on `device`."""
+                   views: bool = False, holdout: bool = False) -> StreamPlan:
+        """The plan for holding `splits` of `cache` (with their views) as float32 on `device`; with a
+        `holdout` of train, a share of the budget is kept for the held-out rows (`holds_in_memory`)."""
         from .cache_file import split_bytes, split_shape
 
         budget = memory_budget(budget, device)
         need = sum(split_bytes(cache, split, views) for split in splits)
         rows, row_values = split_shape(cache, "train", views)
         others = need - split_bytes(cache, "train", views)  # queries and evaluation splits stay in memory
+        others += budget // HELD_SHARE if holdout else 0
         row_bytes = row_values * 4 + 16  # float32 values, and a block row's label and file row (int64 each)
-        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_bytes), rows)
+        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_bytes), rows, holdout)
+
+    def holds_in_memory(self, held_bytes: int) -> bool:
+        """Whether held-out rows of `held_bytes` (float32) fit the budget's share kept for them; if not they
+        are read from the file, like train, at every validation."""
+        return held_bytes <= self.budget // HELD_SHARE
 
     @property
     def streams(self) -> bool:

@@ -540,13 +540,15 @@ class BlockReader:
         pass take turns in two buffers (callers copy what they keep)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, \
+        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, _opened(self.path) as fd, \
                 ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
             group = f[self.split]
             size = min(self.rows, max((sum(b - a for a, b in ranges) for ranges in groups), default=0))
-            slots, staging = [self._slot(group, size) for _ in range(2)], self._staging(group, size)
+            source = _Pass(group, {name: _FileRows.of(group[name], self.path) for name in self._names()}, fd,
+                           self._staging(group, size))
+            slots = [self._slot(group, size) for _ in range(2)]
             submit = pool.submit if self.read_ahead else _run_now
-            read = lambda i: submit(self._read, group, groups[i], slots[i % 2], staging)  # noqa: E731
+            read = lambda i: submit(self._read, source, groups[i], slots[i % 2])  # noqa: E731
             pending = read(0) if groups else None
             for i in range(len(groups)):
                 block = pending.result()
@@ -570,18 +572,18 @@ class BlockReader:
         return {name: None if group[name].dtype == np.float32 else
                 np.empty((rows, *group[name].shape[1:]), dtype=group[name].dtype) for name in self._names()}
 
-    def _read(self, group: h5py.Group, ranges: list[Range], slot: _Slot, staging: dict) -> Block:
+    def _read(self, source: _Pass, ranges: list[Range], slot: _Slot) -> Block:
         """One block from the file into `slot`, as float32 host tensors."""
         import torch
 
         rows = np.concatenate([np.arange(start, stop) for start, stop in ranges])
         if slot.copied is not None:
             slot.copied.synchronize()  # its last block's copy to the GPU has finished
-        arrays = {}
+        arrays, staging = {}, source.staging
         for name, buffer in slot.buffers.items():
             dest = buffer[:len(rows)]
             raw = dest.numpy() if staging[name] is None else staging[name][:len(rows)]
-            _read_ranges(group[name], ranges, raw)
+            source.read(name, ranges, raw)
             if staging[name] is not None:
                 dest.copy_(torch.from_numpy(raw))
             if not torch.isfinite(dest.sum()):  # a sum is finite where every value is (an overflow: see the rows)
@@ -619,6 +621,84 @@ class _Slot:
 
     buffers: dict[str, torch.Tensor]
     copied: torch.cuda.Event | None = None
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one pass over a split reads with: its open group, each dataset's `_FileRows` (None: read through
+    h5py), the file descriptor they read from, and the stored-dtype staging buffers (`_staging`)."""
+
+    group: h5py.Group
+    places: dict[str, _FileRows | None]
+    fd: int
+    staging: dict[str, np.ndarray | None]
+
+    def read(self, name: str, ranges: list[Range], out: np.ndarray) -> None:
+        place = self.places[name]
+        if place is None:
+            _read_ranges(self.group[name], ranges, out)
+        else:
+            place.read(self.fd, ranges, out)
+
+
+@dataclass(frozen=True)
+class _FileRows:
+    """Where a dataset's rows lie in its file when HDF5 stores them as plain bytes (no filters, native byte
+    order, chunks of whole rows, or one contiguous run): `offsets[c]`, the byte offset of chunk c of
+    `chunk_rows` rows. A range of rows is then one `os.preadv` straight into the block per chunk it
+    touches; through h5py, each small piece of a gathered block costs several times more (docs/results.md)."""
+
+    path: Path
+    offsets: np.ndarray
+    chunk_rows: int
+    row_bytes: int
+
+    @classmethod
+    def of(cls, data: h5py.Dataset, path: Path) -> _FileRows | None:
+        """The rows' places, checked against the file's size; None where the layout is not plain bytes."""
+        if not data.dtype.isnative or data.id.get_create_plist().get_nfilters() or not len(data):
+            return None
+        row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:]))
+        if data.chunks is None:
+            offset = data.id.get_offset()
+            offsets, chunk_rows = np.array([-1 if offset is None else offset], dtype=np.int64), len(data)
+        elif tuple(data.chunks[1:]) == tuple(data.shape[1:]):
+            chunk_rows = data.chunks[0]
+            offsets = np.full(-(-len(data) // chunk_rows), -1, dtype=np.int64)
+            record = lambda info: offsets.__setitem__(info.chunk_offset[0] // chunk_rows, info.byte_offset)  # noqa: E731
+            if hasattr(data.id, "chunk_iter"):  # one call (HDF5 1.12.3 and later)
+                data.id.chunk_iter(record)
+            else:
+                for i in range(data.id.get_num_chunks()):
+                    record(data.id.get_chunk_info(i))
+        else:
+            return None
+        if (offsets < 0).any() or offsets.max() + chunk_rows * row_bytes > path.stat().st_size:
+            return None  # unwritten chunks (fill values) or an index past the end: HDF5 decides, or refuses
+        return cls(path, offsets, chunk_rows, row_bytes)
+
+    def read(self, fd: int, ranges: list[Range], out: np.ndarray) -> None:
+        """The rows of `ranges`, concatenated into `out` (C-contiguous, the stored dtype)."""
+        view, at = memoryview(out.reshape(-1).view(np.uint8)), 0
+        for start, stop in ranges:
+            while start < stop:
+                chunk = start // self.chunk_rows
+                end = min(stop, (chunk + 1) * self.chunk_rows)
+                size = (end - start) * self.row_bytes
+                offset = int(self.offsets[chunk]) + (start - chunk * self.chunk_rows) * self.row_bytes
+                if os.preadv(fd, [view[at:at + size]], offset) != size:
+                    raise InputError(f"{self.path} ends inside rows its index lists: the file is damaged or "
+                                     "was truncated while read; rebuild the cache")
+                at, start = at + size, end
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _read_ranges(data: h5py.Dataset, ranges: list[Range], out: np.ndarray) -> None:

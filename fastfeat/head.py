@@ -27,12 +27,12 @@ from .linear import LBFGS_EVALS_PER_EPOCH, evaluated, fit_head, refit_head, with
 from .model_files import LinearHead, save_head
 from .outputs import OutputLock, check_output, check_reports
 from .plots import require_matplotlib
+from .rows import StreamedRows
 from .runtime import resolve_device
 from .settings import HeadOptions
 from .spec import FeatureSpec
 from .sweep import sweep_fit, sweep_grid
 from .validation import ValidationPlan
-from .rows import StreamedRows
 from .views import HeadViews, ViewChoices, ViewSampler, flip_index, load_views
 
 
@@ -122,7 +122,7 @@ class HeadData:
     train_y: torch.Tensor
     fit_x: torch.Tensor | StreamedRows
     fit_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: torch.Tensor | StreamedRows  # held-out rows over their budget share stay in the file
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -154,10 +154,11 @@ def run(opts: HeadOptions, log: Callable[[str], None], fit: Fitter) -> HeadResul
     check_complete(opts.cache)
     plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
     stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device,
-                                   views=opts.views_policy == "sample" or opts.tta is not False)
+                                   views=opts.views_policy == "sample" or opts.tta is not False,
+                                   holdout=plan.kind == "holdout")
     if stream.streams:
         log(stream.describe(stream_passes(opts)))
-        spec, data = streamed_data(opts, device, plan, stream)
+        spec, data = streamed_data(opts, device, plan, stream, log)
     else:
         spec, data = in_memory_data(opts, device, plan)
     classes, views, test_x, test_y = data.classes, data.views, data.test_x, data.test_y
@@ -182,10 +183,11 @@ def in_memory_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan
     return spec, HeadData(classes, train_x, train_y, fit_x, fit_y, val_x, val_y, test_x, test_y, views, sampler)
 
 
-def streamed_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan,
-                  stream: StreamPlan) -> tuple[FeatureSpec, HeadData]:
-    """Train left in the file, to be streamed in blocks (with its views); test and validation in memory. One
-    pass over train computes the fit rows' statistics and gathers the held-out rows (never trained on)."""
+def streamed_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan, stream: StreamPlan,
+                  log: Callable[[str], None]) -> tuple[FeatureSpec, HeadData]:
+    """Train left in the file, to be streamed in blocks (with its views); test and validation in memory,
+    but for held-out rows over their share of the budget, which are streamed too. One pass over train
+    computes the fit rows' statistics and gathers the held-out rows it keeps (never trained on)."""
     spec, classes, (test_x, test_y) = load_features(opts.cache, device, ("test",))
     views = load_views(opts.cache, device, opts.views_policy, opts.tta, plan.kind, streamed=True)
     flip = flip_index(view_names(opts.cache).get("train", [])) if views.tta and plan.kind == "holdout" else None
@@ -200,9 +202,17 @@ def streamed_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan,
                             if views.names else None)
 
     train, fit = streamed(None), streamed(rows[0] if rows else None)
-    if rows is not None:
+    held_bytes = 0 if rows is None else len(rows[1]) * reader.dim * 4 * (2 if flip is not None else 1)
+    if rows is not None and stream.holds_in_memory(held_bytes):
         held_x, held_flips = fit.scan(rows[1], flip)
         val_x, val_y = views.evaluation_input(held_x, held_flips), torch.from_numpy(labels[rows[1]]).to(device)
+    elif rows is not None:
+        with_flips = reader if flip is None or reader.views else BlockReader(opts.cache, "train", stream.block_rows,
+                                                                             device, views=True)
+        val_x = StreamedRows(with_flips, rows[1], labels, flip=flip)
+        val_y = val_x.y
+        log(f"validation: {len(val_y)} held-out rows ({held_bytes / 2**20:.0f} MiB) over a quarter of the budget, "
+            "read from the cache at every validation")
     else:
         val_x, val_y = own_val_split(opts.cache, device) if plan.kind == "val" else (test_x, test_y)
         val_x = views.evaluation_input(val_x, views.flips.get(plan.kind))

@@ -45,7 +45,7 @@ def with_defaults(opts: HeadOptions, train_rows: int) -> HeadOptions:
                    weight_decay=weight_decay if opts.weight_decay is None else opts.weight_decay)
 
 
-def fit_head(train_x: torch.Tensor | StreamedRows, train_y: torch.Tensor, test_x: torch.Tensor,
+def fit_head(train_x: torch.Tensor | StreamedRows, train_y: torch.Tensor, test_x: torch.Tensor | StreamedRows,
              test_y: torch.Tensor, num_classes: int, opts: HeadOptions, log: Callable[[str], None] = print,
              sampler: ViewSampler | None = None, tta: bool = False) -> tuple[LinearHead, list[dict]]:
     """The training loop on tensors (or rows streamed from the cache): returns the trained head and the
@@ -54,7 +54,8 @@ def fit_head(train_x: torch.Tensor | StreamedRows, train_y: torch.Tensor, test_x
     opts = with_defaults(opts, len(train_y))
     rows = as_rows(train_x, train_y, sampler)
     head = new_head(rows, num_classes, opts.standardize)
-    history = train_epochs(head, opts, rows, log, lambda: evaluate(evaluated(head, tta), test_x, test_y),
+    validation = as_rows(test_x, test_y, None)
+    history = train_epochs(head, opts, rows, log, lambda: evaluate_rows(evaluated(head, tta), validation),
                            f"lower --lr (now {opts.lr})")
     return head, history
 

@@ -79,14 +79,17 @@ class TensorRows:
 class StreamedRows:
     """The rows `keep` (sorted file rows; None: all) of a cache split, read block by block by `reader`; `y`
     their labels (8 bytes a row, kept in memory), `sampler` the views each epoch reads (the reader must then
-    read views). Statistics come from one pass over the file (`scan`), which also gathers held-out rows."""
+    read views). Statistics come from one pass over the file (`scan`), which also gathers held-out rows.
+    Evaluation rows under TTA give `flip`, their flip's view index: `passes` then yields (n, 2, D) center
+    and flip pairs."""
 
     def __init__(self, reader: BlockReader, keep: np.ndarray | None, labels: np.ndarray,
-                 sampler: ViewChoices | None = None):
-        self.reader, self.sampler, self.device, self.dim = reader, sampler, reader.device, reader.dim
+                 sampler: ViewChoices | None = None, flip: int | None = None):
+        self.reader, self.sampler, self.flip, self.device, self.dim = reader, sampler, flip, reader.device, reader.dim
         self.mask = (torch.ones(reader.rows, dtype=torch.bool, device=self.device) if keep is None else
                      row_mask(keep, reader.rows, self.device))
-        self.position = self.mask.cumsum(0) - 1  # a file row's place among the kept
+        # a file row's place among the kept, which indexes the epoch's view choices
+        self.position = None if sampler is None else self.mask.cumsum(0) - 1
         self.y = torch.from_numpy(labels).to(self.device)[self.mask]
         self.rows = len(self.y)
         self.choice: torch.Tensor | None = None
@@ -158,7 +161,10 @@ class StreamedRows:
             out.copy_(self._rows(block, local))
 
     def _rows(self, block: Block, local: torch.Tensor) -> torch.Tensor:
-        """The block's rows `local` as this epoch reads them: the center crop, or each row's chosen view."""
+        """The block's rows `local` as this epoch reads them: the center crop, or each row's chosen view (or
+        for TTA evaluation, center and flip pairs)."""
+        if self.flip is not None:
+            return torch.stack([block.features[local], block.views[local, self.flip]], 1)
         if self.choice is None:
             return block.features[local]
         choice = self.choice[self.position[block.rows[local]]]

@@ -79,7 +79,7 @@ def standardized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows: i
     return out
 
 
-def sweep_fit(x: torch.Tensor | StreamedRows, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+def sweep_fit(x: torch.Tensor | StreamedRows, y: torch.Tensor, val_x: torch.Tensor | StreamedRows, val_y: torch.Tensor, num_classes: int,
               lrs: tuple[float, ...], weight_decays: tuple[float, ...], opts: HeadOptions,
               log: Callable[[str], None] = print, sampler: ViewSampler | None = None) -> SweepHeads:
     """Train len(lrs) x len(weight_decays) sgd heads at once, as `sgd_epoch` trains one: features
@@ -149,9 +149,10 @@ def sweep_fit(x: torch.Tensor | StreamedRows, y: torch.Tensor, val_x: torch.Tens
             f"(best) to {losses.max().item() if len(losses) else float('nan'):f}, {time.perf_counter() - epoch_start:.2f} s")
     with torch.no_grad():
         correct = torch.zeros(heads, device=device)
-        for block, labels in zip(val_x.split(8192), val_y.split(8192)):
-            logits = sweep_logits(block, mean, std, flat_weight, flat_bias, k)
-            correct += (logits.argmax(-1) == labels.unsqueeze(1)).sum(0)
+        for part_x, part_y in as_rows(val_x, val_y, None).passes():
+            for block, labels in zip(part_x.split(8192), part_y.split(8192)):
+                logits = sweep_logits(block, mean, std, flat_weight, flat_bias, k)
+                correct += (logits.argmax(-1) == labels.unsqueeze(1)).sum(0)
     alive = live.tolist()
     val_acc = [acc if ok else None for acc, ok in zip((correct / len(val_y)).tolist(), alive)]
     train_loss = [loss if ok else None for loss, ok in zip((loss_sum / train.rows).tolist(), alive)]
