@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .budget import StreamPlan
+from .budget import HELD_SHARE, StreamPlan
 from .cache_file import Block, BlockReader, read_cache, read_views
 from .errors import InputError
 from .evaluation import classification_report
@@ -109,12 +109,13 @@ def knn_evaluate(opts: KnnOptions, log: Callable[[str], None] = print) -> KnnRes
     streamed from the cache in blocks when the features do not fit `--memory-budget`."""
     opts = check_options(opts)
     device = resolve_device(opts.device)
-    stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device)
     plan = validation_plan(opts.cache, opts.val_fraction, opts.seed)
+    stream = StreamPlan.for_splits(opts.cache, ("train", "val", "test"), opts.memory_budget, device,
+                                   holdout=plan.kind == "holdout")
     start = time.perf_counter()
     if stream.streams:
         log(stream.describe(passes=2 if plan.kind == "holdout" else 1))
-        found = streamed_scores(opts, device, stream, plan)
+        found = streamed_scores(opts, device, stream, plan, log)
     else:
         found = in_memory_scores(opts, device, plan)
     ks, (val_scores, val_y, test_scores, test_y, rows, tta) = opts.k, found
@@ -187,10 +188,12 @@ def row_counts(train: int, kept: np.ndarray | None, held: np.ndarray | None, val
             "neighbours_val": len(kept) if kept is not None else train if val_rows else 0, "neighbours_test": train}
 
 
-def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, plan: ValidationPlan) -> Scores:
-    """The search with train read block by block (queries in memory): a first pass gathers the held-out
-    rows (the queries of a holdout), the second merges every block's top-k into each query's running one.
-    The same neighbours as `in_memory_scores`, so the same answer."""
+def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, plan: ValidationPlan,
+                    log: Callable[[str], None]) -> Scores:
+    """The search with train read block by block (queries in memory): each pass merges every block's top-k
+    into each query's running one; held-out rows, the queries of a holdout, are gathered by a pass of their
+    own, in groups that fit a quarter of the budget (each group then a search pass). The same neighbours as
+    `in_memory_scores`, so the same answer."""
     reader = BlockReader(opts.cache, "train", stream.block_rows, device)
     labels = reader.labels()
     validation = plan.kind
@@ -208,24 +211,48 @@ def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, 
     kept, held = validation_rows(opts, labels, plan)
     queries = {s: queries_of(torch.from_numpy(data.features[s]).to(device),
                              torch.from_numpy(flips[s]).to(device) if tta else None) for s in query_splits}
-    allowed = None
+    searches = [{s: [(q, None) for q in queries[s]] for s in queries}]
     if held is not None:
-        held_t, held_mask = torch.from_numpy(held).to(device), row_mask(held, reader.rows, device)
-        queries["val"] = queries_of(*gather_rows(with_views if tta else reader, held_mask, train_flip if tta else None))
-        allowed = ~held_mask
-    sets = [(q, None if s == "test" or validation == "val" else allowed) for s in queries for q in queries[s]]
-    found = streamed_neighbours(reader.blocks(), sets, opts.k[-1])
-    shares_of = [neighbour_shares(sims, train_y[idx], opts.k, opts.temperature, len(classes)) for sims, idx in found]
-    by_split, i = {}, 0
-    for s in queries:
-        parts = shares_of[i:i + len(queries[s])]
-        by_split[s] = {k: sum(p[j] for p in parts) / len(parts) for j, k in enumerate(opts.k)}
-        i += len(queries[s])
+        groups = held_groups(held, stream, reader.dim, opts.k[-1], tta)
+        if len(groups) > 1:
+            log(f"kNN: {len(held)} held-out queries in {len(groups)} groups of up to {len(groups[0])}, each "
+                "gathered and searched by a pass of its own (a quarter of the budget holds one)")
+        allowed = ~row_mask(held, reader.rows, device)
+        gathered = lambda group: queries_of(*gather_rows(with_views if tta else reader,  # noqa: E731
+                                                         row_mask(group, reader.rows, device), train_flip if tta else None))
+        searches[0]["val"] = [(q, allowed) for q in gathered(groups[0])]
+        searches += [{"val": [(q, allowed) for q in gathered(group)]} for group in groups[1:]]
+    by_split = split_shares(searches, reader, train_y, opts, len(classes))
     test_y = torch.from_numpy(data.labels["test"]).to(device)
-    val_y = (train_y[held_t] if held is not None else
+    val_y = (train_y[torch.from_numpy(held).to(device)] if held is not None else
              torch.from_numpy(data.labels["val"]).to(device) if validation == "val" else None)
     return Scores(by_split.get("val", {}), val_y, by_split["test"], test_y,
                   row_counts(reader.rows, kept, held, val_y, test_y), tta)
+
+
+def held_groups(held: np.ndarray, stream: StreamPlan, dim: int, k: int, tta: bool) -> list[np.ndarray]:
+    """The held-out rows cut into groups whose queries (features, and a running top-k of similarities and
+    rows; twice under TTA) fit the budget's share for them."""
+    per_query = (dim * 4 + k * 12) * (2 if tta else 1)
+    rows = max(1, stream.budget // HELD_SHARE // per_query)
+    return [held[at:at + rows] for at in range(0, len(held), rows)]
+
+
+def split_shares(searches: list[dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]], reader: BlockReader,
+                 train_y: torch.Tensor, opts: KnnOptions, num_classes: int) -> dict[str, dict[int, torch.Tensor]]:
+    """Each split's vote shares per k: every search one pass over train for all its query sets (a split's
+    sets: its queries and, under TTA, their flips, averaged; a split searched in groups, concatenated)."""
+    parts: dict[str, list[list[torch.Tensor]]] = {}
+    for search in searches:
+        sets = [(s, item) for s in search for item in search[s]]
+        found = streamed_neighbours(reader.blocks(), [item for _, item in sets], opts.k[-1])
+        shares_of = {}
+        for (s, _), (sims, idx) in zip(sets, found):
+            shares_of.setdefault(s, []).append(neighbour_shares(sims, train_y[idx], opts.k, opts.temperature,
+                                                                num_classes))
+        for s, views in shares_of.items():  # average the views, per k
+            parts.setdefault(s, []).append([sum(v[j] for v in views) / len(views) for j in range(len(opts.k))])
+    return {s: {k: torch.cat([group[j] for group in groups]) for j, k in enumerate(opts.k)} for s, groups in parts.items()}
 
 
 def queries_of(x: torch.Tensor, flips: torch.Tensor | None) -> list[torch.Tensor]:

@@ -95,7 +95,7 @@ def test_streamed_knn_is_the_in_memory_answer(cache, val_fraction, tta):
     whole = knn_evaluate(KnnOptions(**opts), log=lines.append)
     assert lines == []  # the data fit: the in-memory path, unchanged
     streamed = knn_evaluate(KnnOptions(**opts, memory_budget=TINY), log=lines.append)
-    assert len(lines) == 1 and lines[0].startswith("streaming train"), lines
+    assert lines[0].startswith("streaming train") and all(line.startswith("kNN: ") for line in lines[1:]), lines
     assert streamed.val == whole.val and streamed.test == whole.test and streamed.rows == whole.rows
     assert streamed.tta == whole.tta == tta and streamed.reports == whole.reports
 
@@ -329,3 +329,17 @@ def test_rows_read_from_their_bytes_equal_hdf5s_reads_and_filtered_data_goes_thr
     for block, other in zip(by_bytes, reader.gathered(groups), strict=True):
         assert torch.equal(block.features, other.features) and torch.equal(block.views, other.views)
         assert torch.equal(block.rows, other.rows)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_streamed_knn_searches_held_out_queries_in_groups_with_the_same_answer(cache, tta):
+    """100 held-out queries (2 KB and a top-20 each, twice under TTA) over a quarter of a 200KB budget: gathered
+    and searched a group at a time, they find the in-memory neighbours."""
+    opts = dict(cache=str(cache), k=(1, 5, 20), val_fraction=0.25, device="cpu", tta=tta)
+    whole = knn_evaluate(KnnOptions(**opts), log=lambda line: None)
+    lines: list[str] = []
+    streamed = knn_evaluate(KnnOptions(**opts, memory_budget="200KB"), log=lines.append)
+    groups = [line for line in lines if line.startswith("kNN: 100 held-out queries in")]
+    assert len(groups) == 1 and int(groups[0].split(" in ")[1].split()[0]) >= 4, lines
+    assert streamed.val == whole.val and streamed.test == whole.test and streamed.rows == whole.rows
+    assert streamed.reports == whole.reports
