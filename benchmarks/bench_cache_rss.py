@@ -1,7 +1,7 @@
 """`PYTHONPATH=$PWD python benchmarks/bench_cache_rss.py [--images 10000,100000,300000] [--sources folder,webdataset]`:
 `fastfeat cache`'s peak RSS as the images grow. For each count, a folder of that many 32-px JPEGs (10 classes,
-and 100 test images; as WebDataset shards of 1,000 too) is cached by resnet18 with random weights at 32 px
-(so the backbone does not hide the rest), each run in a child process of its own (peak RSS from /proc's
+and 100 test images; as WebDataset shards of 1,000 too) is cached by resnet18 with random weights at 32 px, eager
+(so the backbone, and a compile's memory, do not hide the rest), each run in a child process of its own (peak RSS from /proc's
 VmHWM; the torch loader's worker processes apart, the largest one's from getrusage); then the RSS each further 100,000 images add (a least-squares line). Flat memory means a small slope
 beside what the rows themselves need: the file list, 4 bytes of label and 2 x 512 bytes of features a row
 written as they come."""
@@ -30,10 +30,9 @@ def write_data(root: Path, images: int) -> Path:
     if not (root / "done").exists():
         shutil.rmtree(root, ignore_errors=True)
         per_class, part = images // 10, 1000
-        for first in range(0, per_class, part):
-            train = make_split(min(part, per_class - first), first=first, seed=first)
-            test = make_split(TEST_IMAGES // 10 if first == 0 else 0, first=first, seed=10**6 + first)
-            write_folder(folder, train, test, CIFAR10_CLASSES)
+        test = make_split(TEST_IMAGES // 10, seed=10**6)
+        for first in range(0, per_class, part):  # (the same test images each part: write_folder writes both)
+            write_folder(folder, make_split(min(part, per_class - first), first=first, seed=first), test, CIFAR10_CLASSES)
         write_shards(folder, root / "webdataset", PER_SHARD)
         (root / "done").touch()
     return root
@@ -59,7 +58,7 @@ def measure(root: Path, images: int, source: str, loader: str) -> dict:
     out = root / f"{source}-{loader}.h5"
     out.unlink(missing_ok=True)
     argv = ["cache", *data, "--arch", "resnet18", "--weights", "none", "--resize", "32", "--image-size", "32",
-            "--loader", loader, "--out", str(out), "--no-progress"]
+            "--loader", loader, "--no-compile", "--out", str(out), "--no-progress"]  # (a compile's memory aside)
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(argv)], capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     if done.returncode:

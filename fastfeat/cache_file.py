@@ -491,10 +491,11 @@ class BlockReader:
     own row chunks, so every chunk is read once per pass, or a contiguous part of one under a tiny budget):
     contiguous ones in file order (`blocks`), or blocks gathered from several row ranges each (`gathered`, of
     `pieces`, `pieces_per_block` at a time), so a block mixes rows from all over the file at no more memory.
-    Where a core is free for it (`runtime.core_to_spare`), the next block is read (and converted to float32,
-    into pinned memory for a GPU) in a background thread while the caller works on the current one. The file is opened without HDF5's chunk cache: its chunks are unfiltered,
-    so a range's bytes are read straight from the file, while a cache would read (and evict) whole chunks for
-    pieces smaller than one. The one reader of features under a memory budget: heads, sweep and kNN take blocks."""
+    Rows are read straight from their bytes where HDF5 stores them plain (`_FileRows`), else through h5py
+    without its chunk cache (which would read, and evict, whole chunks for pieces smaller than one). Where a
+    core is free for it (`runtime.core_to_spare`), the next block is read (and converted to float32, into
+    pinned memory for a GPU) in a background thread while the caller works on the current one. The one
+    reader of features under a memory budget: heads, sweep and kNN take blocks."""
 
     def __init__(self, path: str | Path, split: str, block_rows: int, device: torch.device | str = "cpu",
                  views: bool = False):

@@ -3,8 +3,9 @@ torch's PIL-exact one, on DALI's decoded images).
 
 CIFAR arrays enter through `external_source`; folders through the file reader, tar shards through the
 webdataset reader (in shard order; a shuffle's members, and shards holding 16-bit PNGs, through
-`external_source`), then the image decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). On a GPU the
-output is copied device-to-device into a torch tensor (no host round trip).
+`external_source`), then the image decoder ("mixed" = nvJPEG on a GPU, "cpu" otherwise). The readers read
+files with plain I/O: mapped, every file read stays in the process's RSS, which then grows with the dataset
+(docs/results.md). On a GPU the output is copied device-to-device into a torch tensor (no host round trip).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def read_members(members: TarMembers, order: np.ndarray, batch_size: int, kinds:
     paths, indexes, exts = dali_indexes(members.take(order), Path(_INDEX_DIR.name))
     return fn.readers.webdataset(paths=paths, index_paths=indexes, ext=[";".join(exts)], case_sensitive_extensions=False,
                                  missing_component_behavior="error", random_shuffle=False, pad_last_batch=True,
-                                 name="reader"), None
+                                 dont_use_mmap=True, name="reader"), None
 
 
 def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
@@ -90,7 +91,8 @@ def read_images(split: Split, order: np.ndarray, batch_size: int, gpu: bool):
         encoded, kind = read_members(split.members, order, batch_size, kinds)
     else:
         encoded, kind = fn.readers.file(files=[split.files[i] for i in order], random_shuffle=False, pad_last_batch=True,
-                                        labels=None if kinds is None else kinds[order].tolist(), name="reader")
+                                        labels=None if kinds is None else kinds[order].tolist(), dont_use_mmap=True,
+                                        name="reader")
     decoded = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                 dtype=types.UINT8 if kinds is None else types.UINT16)
     return decoded if kinds is None else _to_8bit(decoded, kind.gpu() if gpu else kind)
