@@ -230,11 +230,16 @@ def streamed_scores(opts: KnnOptions, device: torch.device, stream: StreamPlan, 
                   row_counts(reader.rows, kept, held, val_y, test_y), tta)
 
 
+# Under a tiny budget, a group still holds this many queries: each group costs two passes over train, and
+# fewer queries would make the passes, not the memory, what bounds the run.
+MIN_QUERY_GROUP = 32
+
+
 def held_groups(held: np.ndarray, stream: StreamPlan, dim: int, k: int, tta: bool) -> list[np.ndarray]:
     """The held-out rows cut into groups whose queries (features, and a running top-k of similarities and
-    rows; twice under TTA) fit the budget's share for them."""
+    rows; twice under TTA) fit the budget's share for them, of at least MIN_QUERY_GROUP."""
     per_query = (dim * 4 + k * 12) * (2 if tta else 1)
-    rows = max(1, stream.budget // HELD_SHARE // per_query)
+    rows = max(MIN_QUERY_GROUP, stream.budget // HELD_SHARE // per_query)
     return [held[at:at + rows] for at in range(0, len(held), rows)]
 
 

@@ -266,6 +266,7 @@ def image_keys(split: Split) -> set[bytes]:
     return {image.tobytes() for image in split.images}
 
 
+@pytest.mark.slow
 def test_validation_is_a_stratified_holdout_of_train_and_test_is_evaluated_once(learnable, tmp_path, monkeypatch):
     trained, evaluated, lines = recording(monkeypatch, "train_batches"), recording(monkeypatch, "eval_batches"), []
     # --recompute-bn 0: only validation and test read images through eval_batches
@@ -285,6 +286,7 @@ def test_validation_is_a_stratified_holdout_of_train_and_test_is_evaluated_once(
     assert image_keys(again[0]) == image_keys(trained[0])
 
 
+@pytest.mark.slow
 def test_val_fraction_0_validates_on_test_every_epoch_and_says_so(learnable, tmp_path, monkeypatch):
     evaluated = recording(monkeypatch, "eval_batches")
     result = finetune(options(learnable, tmp_path, epochs=2, val_fraction=0.0, **TINY), log=lambda line: None)

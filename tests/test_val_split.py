@@ -77,6 +77,7 @@ def test_knn_validates_on_the_cached_val_split_with_every_train_row_as_neighbour
     assert set(result.metrics()["val"]) >= {"top1", "mean_per_class", "per_class", "confusion", "per_k"}
 
 
+@pytest.mark.slow
 def test_finetune_validates_on_the_datasets_own_val_folder(tmp_path, capsys):
     root = make_folder(tmp_path / "f", splits=("train", "val", "test"), per_class=3)
     code, out, err = run(["finetune", "--data", str(root), *TINY, "--epochs", "1", "--batch-size", "3",
