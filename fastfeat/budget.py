@@ -45,7 +45,6 @@ class StreamPlan:
     need: int
     block_rows: int
     rows: int
-    holdout: bool = False
 
     @classmethod
     def for_splits(cls, cache: str, splits: tuple[str, ...], budget: int | None, device: torch.device,
@@ -60,7 +59,7 @@ class StreamPlan:
         others = need - split_bytes(cache, "train", views)  # queries and evaluation splits stay in memory
         others += budget // HELD_SHARE if holdout else 0
         row_bytes = row_values * 4 + 16  # float32 values, and a block row's label and file row (int64 each)
-        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_bytes), rows, holdout)
+        return cls(budget, need, block_rows(max(budget - others, budget // 4), row_bytes), rows)
 
     def holds_in_memory(self, held_bytes: int) -> bool:
         """Whether held-out rows of `held_bytes` (float32) fit the budget's share kept for them; if not they

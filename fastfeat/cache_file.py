@@ -516,9 +516,14 @@ class BlockReader:
             row_bytes = self.dim * data.dtype.itemsize
             self.views = views and "views" in f[split]
             self.view_names = json.loads(f[split]["views"].attrs.get("transforms", "[]")) if self.views else []
+            self._places = {name: _FileRows.of(f[split][name], self.path) for name in self._names()}
         self.block_rows = block_rows // chunk * chunk if block_rows >= chunk else max(1, block_rows)
         self.piece_rows = piece_rows(self.block_rows, chunk, row_bytes)
         self.pieces_per_block = self.block_rows // self.piece_rows
+
+    def with_views(self) -> BlockReader:
+        """This reader if it reads the views, else one of the same blocks that does."""
+        return self if self.views else BlockReader(self.path, self.split, self.block_rows, self.device, views=True)
 
     @property
     def pieces(self) -> list[Range]:
@@ -541,12 +546,11 @@ class BlockReader:
         pass take turns in two buffers (callers copy what they keep)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, _opened(self.path) as fd, \
+        with h5py.File(self.path, "r", rdcc_nbytes=0) as f, open(self.path, "rb", buffering=0) as raw, \
                 ThreadPoolExecutor(1, thread_name_prefix="fastfeat-read") as pool:
             group = f[self.split]
             size = min(self.rows, max((sum(b - a for a, b in ranges) for ranges in groups), default=0))
-            source = _Pass(group, {name: _FileRows.of(group[name], self.path) for name in self._names()}, fd,
-                           self._staging(group, size))
+            source = _Pass(group, self._places, raw.fileno(), self._staging(group, size))
             slots = [self._slot(group, size) for _ in range(2)]
             submit = pool.submit if self.read_ahead else _run_now
             read = lambda i: submit(self._read, source, groups[i], slots[i % 2])  # noqa: E731
@@ -691,15 +695,6 @@ class _FileRows:
                     raise InputError(f"{self.path} ends inside rows its index lists: the file is damaged or "
                                      "was truncated while read; rebuild the cache")
                 at, start = at + size, end
-
-
-@contextmanager
-def _opened(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def _read_ranges(data: h5py.Dataset, ranges: list[Range], out: np.ndarray) -> None:

@@ -207,9 +207,7 @@ def streamed_data(opts: HeadOptions, device: torch.device, plan: ValidationPlan,
         held_x, held_flips = fit.scan(rows[1], flip)
         val_x, val_y = views.evaluation_input(held_x, held_flips), torch.from_numpy(labels[rows[1]]).to(device)
     elif rows is not None:
-        with_flips = reader if flip is None or reader.views else BlockReader(opts.cache, "train", stream.block_rows,
-                                                                             device, views=True)
-        val_x = StreamedRows(with_flips, rows[1], labels, flip=flip)
+        val_x = StreamedRows(reader if flip is None else reader.with_views(), rows[1], labels, flip=flip)
         val_y = val_x.y
         log(f"validation: {len(val_y)} held-out rows ({held_bytes / 2**20:.0f} MiB) over a quarter of the budget, "
             "read from the cache at every validation")

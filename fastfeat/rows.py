@@ -135,10 +135,7 @@ class StreamedRows:
     def scan(self, held: np.ndarray | None, flip: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One pass in file order: the kept rows' center statistics (`stats`), and the features (and, with a
         `flip` view index, flips) of the `held` file rows (sorted), which are never among the kept ones."""
-        from .cache_file import BlockReader
-
-        reader = self.reader if flip is None else BlockReader(self.reader.path, self.reader.split,
-                                                              self.reader.block_rows, self.device, views=True)
+        reader = self.reader if flip is None else self.reader.with_views()
         held_mask = None if held is None else row_mask(held, self.reader.rows, self.device)
         stats, features, flips = RunningStats(self.dim, self.device), [], []
         for block in reader.blocks():
